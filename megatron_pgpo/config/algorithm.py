@@ -1,0 +1,107 @@
+"""Config sections for the RL algorithm: advantages (GRPO/PGPO), DAPO sampling, loss, KL penalty."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Optional
+
+from .base import Section, require, require_positive
+
+
+@dataclass
+class PGPOConfig(Section):
+    PATH: ClassVar[str] = "algorithm.pgpo"
+
+    tau: float = 0.4
+    """Gate threshold of Eq. 6 in [0, 1]: tokens with normalised dependency below it are suppressed, above boosted."""
+    beta: float = 2.0
+    """Boost strength of Eq. 6 (>= 0): the most image-dependent token gets weight 1 + beta before Eq. 7."""
+    eps: float = 1e-6
+    """Stabiliser of Eqs. 5-7 and the degenerate-response threshold."""
+    estimator: Literal["k3", "exact"] = "k3"
+    """Visual-dependency estimator: k3 at the sampled token (paper) or the exact full-vocabulary KL."""
+    s_max: float = 1e4
+    """Scores are clamped to [0, s_max] (NaN -> 0) before Eq. 4; sanitised tokens are counted in metrics."""
+    kl_chunk_tokens: int = 1024
+    """Tokens per chunk of the exact vocab-parallel KL (bounds its extra memory)."""
+
+    def validate(self) -> None:
+        require(0.0 <= self.tau <= 1.0, f"algorithm.pgpo.tau must be in [0, 1], got {self.tau}")
+        require_positive("algorithm.pgpo.beta", self.beta, allow_zero=True)
+        require_positive("algorithm.pgpo.eps", self.eps)
+        require_positive("algorithm.pgpo.s_max", self.s_max)
+        require_positive("algorithm.pgpo.kl_chunk_tokens", self.kl_chunk_tokens)
+
+
+@dataclass
+class DAPOConfig(Section):
+    PATH: ClassVar[str] = "algorithm.dapo"
+
+    dynamic_sampling: bool = True
+    """Drop groups whose rewards are all equal and sample more prompts until the batch is full."""
+    max_sampling_rounds: int = 3
+    """Bound on dynamic-sampling rounds per step; after it the step trains on what it has."""
+    overlong_filter: bool = False
+    """Mask out responses cut at max_new_tokens (no reward or penalty for an unfinished answer)."""
+    overlong_buffer: int = 0
+    """Soft overlong penalty: the last this-many tokens before max_new_tokens are penalised linearly; 0 disables."""
+    overlong_penalty_factor: float = 1.0
+    """Largest soft overlong penalty (subtracted from the reward at max_new_tokens)."""
+
+    def validate(self) -> None:
+        require_positive("algorithm.dapo.max_sampling_rounds", self.max_sampling_rounds)
+        require_positive("algorithm.dapo.overlong_buffer", self.overlong_buffer, allow_zero=True)
+        require_positive("algorithm.dapo.overlong_penalty_factor", self.overlong_penalty_factor, allow_zero=True)
+
+
+@dataclass
+class KLConfig(Section):
+    PATH: ClassVar[str] = "algorithm.kl"
+
+    coef: float = 0.0
+    """Coefficient of the KL-to-reference penalty (GRPO as published); 0 disables it and its reference pass."""
+    estimator: Literal["k1", "k2", "k3"] = "k3"
+    """Per-token KL estimator at the sampled token."""
+
+    def validate(self) -> None:
+        require_positive("algorithm.kl.coef", self.coef, allow_zero=True)
+
+
+@dataclass
+class AlgorithmConfig(Section):
+    PATH: ClassVar[str] = "algorithm"
+
+    advantage: str = "pgpo"
+    """Advantage shaper from the registry: `pgpo` (per-token visual-dependency weights) or `grpo` (broadcast)."""
+    loss: str = "clipped"
+    """Policy loss from the registry (`clipped`: the PPO/DAPO clipped surrogate)."""
+    aggregation: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
+    """Loss aggregation: token mean over the global batch (DAPO) or mean of per-response token means (GRPO)."""
+    clip_low: float = 0.2
+    """Lower clip: the ratio is clipped at 1 - clip_low."""
+    clip_high: float = 0.28
+    """Upper clip: 1 + clip_high (DAPO's clip-higher; set equal to clip_low for PPO/GRPO)."""
+    scale_by_std: bool = True
+    """Divide group-centred rewards by the group's sample std (GRPO/DAPO); false keeps only the centring."""
+    adv_eps: float = 1e-6
+    """Added to the group std before dividing."""
+    pgpo: PGPOConfig = field(default_factory=PGPOConfig)
+    """PGPO's visual-dependency reshaping (used when advantage=pgpo)."""
+    dapo: DAPOConfig = field(default_factory=DAPOConfig)
+    """DAPO's sampling and length handling."""
+    kl: KLConfig = field(default_factory=KLConfig)
+    """Optional KL penalty to a frozen reference model."""
+
+    def validate(self) -> None:
+        from ..algorithms import ADVANTAGE_SHAPERS, POLICY_LOSSES  # registries are the source of valid names
+
+        require(
+            self.advantage in ADVANTAGE_SHAPERS,
+            f"algorithm.advantage={self.advantage!r} is not registered; valid: {', '.join(ADVANTAGE_SHAPERS.names())}",
+        )
+        require(
+            self.loss in POLICY_LOSSES,
+            f"algorithm.loss={self.loss!r} is not registered; valid: {', '.join(POLICY_LOSSES.names())}",
+        )
+        require(0.0 <= self.clip_low < 1.0, f"algorithm.clip_low must be in [0, 1), got {self.clip_low}")
+        require_positive("algorithm.clip_high", self.clip_high, allow_zero=True)
+        require_positive("algorithm.adv_eps", self.adv_eps)

@@ -1,0 +1,154 @@
+"""Config sections for data, rewards, the training loop, logging and checkpoints."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal, Optional
+
+from .base import Section, require, require_positive
+
+
+@dataclass
+class DataConfig(Section):
+    PATH: ClassVar[str] = "data"
+
+    train_path: Optional[str] = None
+    """Local parquet/jsonl training file or directory with an image column. None: the built-in synthetic task."""
+    val_path: Optional[str] = None
+    """Held-out file in the same layout; None with the built-in task uses its held-out split."""
+    layout: Literal["auto", "virl39k", "geo3k"] = "auto"
+    """Column layout: ViRL39K (question/answer/image list), geo3k/EasyR1 (problem/answer/images), or detect."""
+    task: Literal["colour", "count", "digits", "bars"] = "colour"
+    """Built-in synthetic visual task (used when train_path is None): colour of a shape, count shapes of a colour,
+    read digits, compare two bars."""
+    num_train_examples: int = 2048
+    """Size of the built-in task's training split."""
+    num_val_examples: int = 256
+    """Size of the built-in task's held-out split."""
+    rollout_batch_size: int = 16
+    """Prompts per training step (each sampled rollout.n times; the paper: 384)."""
+    max_prompt_length: int = 1024
+    """Prompts longer than this many tokens (image tokens included) are skipped and counted."""
+    max_pixels: int = 1003520
+    """Images are resized (aspect kept) to at most this many pixels before the processor sees them."""
+    shuffle: bool = True
+    """Shuffle deterministically from trainer.seed and the epoch."""
+
+    def validate(self) -> None:
+        for name in ("num_train_examples", "num_val_examples", "rollout_batch_size", "max_prompt_length", "max_pixels"):
+            require_positive(f"data.{name}", getattr(self, name))
+
+
+@dataclass
+class RewardConfig(Section):
+    PATH: ClassVar[str] = "reward"
+
+    accuracy_weight: float = 0.9
+    """Weight of answer accuracy (last \\boxed{} answer equivalent to the ground truth)."""
+    format_weight: float = 0.1
+    """Weight of the format check (<think>...</think> then a boxed answer)."""
+    timeout_s: float = 2.0
+    """Hard wall-clock limit per sample for answer checking; a sample over it scores accuracy 0."""
+    num_workers: int = 2
+    """Answer-checking worker processes; 0 checks in-process (no hard time limit)."""
+    max_answer_chars: int = 1000
+    """Answers longer than this are never parsed (accuracy 0)."""
+
+    def validate(self) -> None:
+        require_positive("reward.accuracy_weight", self.accuracy_weight, allow_zero=True)
+        require_positive("reward.format_weight", self.format_weight, allow_zero=True)
+        require(self.accuracy_weight + self.format_weight > 0, "reward.accuracy_weight + reward.format_weight must be > 0")
+        require_positive("reward.timeout_s", self.timeout_s)
+        require_positive("reward.num_workers", self.num_workers, allow_zero=True)
+        require_positive("reward.max_answer_chars", self.max_answer_chars)
+
+
+@dataclass
+class TrainerConfig(Section):
+    PATH: ClassVar[str] = "trainer"
+
+    total_steps: int = 150
+    """Training steps (one rollout batch each)."""
+    global_batch_size: int = 16
+    """Prompts per optimizer update (each with its rollout.n responses); must divide data.rollout_batch_size."""
+    micro_batch_size: int = 8
+    """Responses per forward/backward micro-batch on each data-parallel rank."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch (updates per batch = ppo_epochs x rollout_batch_size / global_batch_size)."""
+    lr: float = 2e-4
+    """Peak learning rate of AdamW (the paper: 1e-6 at 3B/7B; 2e-4 suits the tiny demo model)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """Learning-rate schedule after warm-up."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up steps."""
+    min_lr: float = 0.0
+    """Final learning rate of the cosine schedule."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    seed: int = 1
+    """Seed of model init, data order and sampling."""
+    run_dir: str = "runs/tiny-pgpo"
+    """Where checkpoints, metrics.jsonl, TensorBoard logs and exports go."""
+    eval_every: int = 50
+    """Held-out evaluation every this many steps (0: only at the end)."""
+
+    def validate(self) -> None:
+        for name in ("total_steps", "global_batch_size", "micro_batch_size", "ppo_epochs"):
+            require_positive(f"trainer.{name}", getattr(self, name))
+        require_positive("trainer.lr", self.lr)
+        require(0.0 <= self.min_lr <= self.lr, f"trainer.min_lr must be in [0, trainer.lr], got {self.min_lr}")
+        require_positive("trainer.lr_warmup_steps", self.lr_warmup_steps, allow_zero=True)
+        require_positive("trainer.weight_decay", self.weight_decay, allow_zero=True)
+        require(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0, "trainer.adam_beta1/2 must be in [0, 1)")
+        require_positive("trainer.adam_eps", self.adam_eps)
+        require_positive("trainer.grad_clip", self.grad_clip, allow_zero=True)
+        require_positive("trainer.eval_every", self.eval_every, allow_zero=True)
+        require(bool(self.run_dir), "trainer.run_dir must not be empty")
+
+
+@dataclass
+class LoggingConfig(Section):
+    PATH: ClassVar[str] = "logging"
+
+    console: bool = True
+    """Rich progress bar and a one-line summary per step on the console."""
+    log_every: int = 1
+    """Console summary every this many steps (files always get every step)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under run_dir/tensorboard."""
+    wandb: bool = False
+    """Log to Weights & Biases."""
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    """wandb mode; offline writes run_dir/wandb for a later `wandb sync`."""
+    wandb_project: str = "megatron-pgpo"
+    """wandb project name."""
+
+    def validate(self) -> None:
+        require_positive("logging.log_every", self.log_every)
+
+
+@dataclass
+class CheckpointConfig(Section):
+    PATH: ClassVar[str] = "checkpoint"
+
+    save_every: int = 50
+    """Save a checkpoint every this many steps (0: only at the end and on a preemption signal)."""
+    keep_last: int = 2
+    """Checkpoints kept; older ones are deleted after a successful save."""
+    resume: bool = True
+    """Resume from the latest complete checkpoint in run_dir if there is one."""
+    save_on_signal: bool = True
+    """Save before exiting on SIGTERM/SIGUSR1 (Slurm preemption)."""
+    export_hf: bool = True
+    """Export the final model as a Hugging Face checkpoint under run_dir/hf."""
+
+    def validate(self) -> None:
+        require_positive("checkpoint.save_every", self.save_every, allow_zero=True)
+        require_positive("checkpoint.keep_last", self.keep_last)
