@@ -135,7 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse stops filling a trailing nargs="*" positional once an option has been seen
+    # (`reward in.jsonl --out x.jsonl reward.timeout_s=1`): collect such key=value leftovers as overrides.
+    args, rest = parser.parse_known_args(argv)
+    stray = [item for item in rest if item.startswith("-") or "=" not in item]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if rest:
+        args.config = list(getattr(args, "config", [])) + rest
     return int(args.func(args) or 0)
 
 
