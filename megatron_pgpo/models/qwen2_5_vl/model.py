@@ -1,0 +1,171 @@
+"""Qwen2.5-VL as a Megatron-Core model: the transformers vision tower feeding a Megatron ``GPTModel``.
+
+    input_ids [B, S] ──embedding──> [S, B, H] ──(image slots <- vision features)──> GPTModel decoder ──> logits
+    pixel_values ──Qwen2.5-VL vision tower + merger (transformers module)──┘
+
+* The vision tower is transformers' own module (Megatron-Core has no Qwen2.5-VL ViT), replicated on every TP
+  rank and present only on the first pipeline stage. Its gradients are identical across TP ranks because the
+  gradient reaching the decoder input is all-reduced by the first column-parallel layer.
+* The language model is a stock ``GPTModel`` (RMSNorm, SwiGLU, GQA, qkv bias, mrope) built from the local or TE
+  layer spec. Its output is vocab-parallel logits ``[B, S, V_padded / TP]`` (sequence-first inside Megatron,
+  batch-first here); padded vocabulary rows are not tokens (``vocab_size`` is the real size).
+* Text-only pass (PGPO_SPEC.md section 1): ``text_only.py`` drops the visual tokens and keeps the original
+  position ids; this module just runs whatever sequence it is given, with or without pixel values.
+
+State-dict layout (what the converter reads and writes): ``vision_model.*`` = the transformers ``visual.*``
+names; ``language_model.*`` = Megatron's GPT names (``embedding.word_embeddings.weight``,
+``decoder.layers.{i}.self_attention.linear_qkv.weight``, ..., ``output_layer.weight``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .hf_config import TextDims, load_hf_config, padded_vocab_size, to_transformer_config
+from .specs import get_layer_spec
+
+
+class Qwen2_5_VLMegatronModel(nn.Module):
+    """One pipeline stage of Qwen2.5-VL on Megatron-Core.
+
+    Args:
+        hf_config: ``transformers.Qwen2_5_VLConfig`` (or anything ``load_hf_config`` reads).
+        transformer_config: from ``to_transformer_config`` (carries TP/PP, dtype).
+        transformer_impl: ``local`` or ``transformer_engine`` layer spec.
+        pre_process / post_process: first / last pipeline stage (embedding + vision / output layer).
+        make_vocab_size_divisible_by: Megatron's vocabulary padding unit (times TP).
+    """
+
+    def __init__(self, hf_config, transformer_config, transformer_impl: str = "local", pre_process: bool = True,
+                 post_process: bool = True, make_vocab_size_divisible_by: int = 128, vp_stage: Optional[int] = None):
+        super().__init__()
+        from megatron.core.models.gpt import GPTModel
+
+        self.hf_config = load_hf_config(hf_config)
+        self.config = transformer_config
+        self.dims = TextDims.from_hf(self.hf_config)
+        self.pre_process, self.post_process = pre_process, post_process
+        self.vocab_size = self.dims.vocab_size
+        self.padded_vocab_size = padded_vocab_size(
+            self.vocab_size, make_vocab_size_divisible_by, transformer_config.tensor_model_parallel_size
+        )
+        self.image_token_id = self.hf_config.image_token_id
+        self.spatial_merge_size = self.hf_config.vision_config.spatial_merge_size
+        self.vision_model = self._build_vision_tower() if pre_process else None
+        self.language_model = GPTModel(
+            config=transformer_config,
+            transformer_layer_spec=get_layer_spec(transformer_impl),
+            vocab_size=self.padded_vocab_size,
+            max_sequence_length=getattr(self.hf_config.text_config, "max_position_embeddings", 32768),
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=self.dims.tie_word_embeddings,
+            position_embedding_type="mrope",
+            rotary_base=int(self.dims.rope_theta),
+            # Vision features are written into the full-length embedding before it is split for sequence
+            # parallelism, so the embedding must not scatter by itself.
+            scatter_embedding_sequence_parallel=False,
+            vp_stage=vp_stage,
+        )
+        self.share_embeddings_and_output_weights = self.dims.tie_word_embeddings
+
+    def _build_vision_tower(self) -> nn.Module:
+        from ...compat.torchvision_ops import ensure_torchvision_importable
+
+        ensure_torchvision_importable()
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+        vision_config = self.hf_config.vision_config
+        vision_config._attn_implementation = "eager"  # deterministic and available everywhere
+        tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config, dtype=self.config.params_dtype)
+        return tower
+
+    # Megatron's pipeline schedules call this on every stage but the first.
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """Merged vision features ``[num_image_tokens, H]`` for ``pixel_values [num_patches, C*T*P*P]``."""
+        out = self.vision_model(pixel_values.to(self.config.params_dtype), grid_thw=image_grid_thw)
+        return out.pooler_output if hasattr(out, "pooler_output") else out
+
+    def embed(self, input_ids: torch.Tensor, image_mask: Optional[torch.Tensor] = None,
+              pixel_values: Optional[torch.Tensor] = None, image_grid_thw: Optional[torch.Tensor] = None):
+        """Decoder input ``[S, B, H]`` (split along S under sequence parallelism) with image slots filled."""
+        from megatron.core import tensor_parallel
+
+        embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H], full S
+        if pixel_values is not None:
+            if image_mask is None:
+                raise ValueError("pixel_values given without image_mask (the image placeholder positions)")
+            features = self.image_features(pixel_values, image_grid_thw).to(embeddings.dtype)
+            slots = image_mask.transpose(0, 1)  # [S, B] like the embeddings
+            if int(slots.sum()) != features.shape[0]:
+                raise ValueError(f"{int(slots.sum())} image placeholder tokens but {features.shape[0]} image "
+                                 "features: the prompt and image_grid_thw disagree")
+            # Image features of a batch come in batch order; [S, B] boolean indexing walks S first, so index
+            # through the batch-first layout instead.
+            embeddings = embeddings.transpose(0, 1).clone()
+            embeddings[image_mask] = features
+            embeddings = embeddings.transpose(0, 1).contiguous()
+        if self.config.sequence_parallel:
+            embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
+        return embeddings
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        pixel_values: Optional[torch.Tensor] = None,
+        image_grid_thw: Optional[torch.Tensor] = None,
+        image_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Vocab-parallel logits ``[B, S, V_padded / TP]`` on the last stage, hidden states elsewhere.
+
+        Args:
+            input_ids: ``[B, S]``.
+            position_ids: ``[3, B, S]`` from ``rope_index.get_rope_index`` (on the full sequence).
+            attention_mask: None for the causal mask; or ``bool[B, 1, S, S]`` with True = may NOT attend (the
+                attention-mask form of the text-only pass; local spec only).
+            pixel_values, image_grid_thw, image_mask: the image inputs (first stage only); omit for a text-only
+                sequence.
+        """
+        decoder_input = self.embed(input_ids, image_mask, pixel_values, image_grid_thw) if self.pre_process else None
+        output = self.language_model(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, decoder_input=decoder_input
+        )
+        if self.post_process:
+            return output  # GPTModel returns [B, S, V/TP] logits when no labels are given
+        return output
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """Megatron dist-checkpoint view: the language model's own, plus the vision tower as replicated tensors."""
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        sharded = self.language_model.sharded_state_dict(prefix=f"{prefix}language_model.", metadata=metadata)
+        if self.vision_model is not None:
+            vision_sd = {k: v for k, v in self.vision_model.state_dict(keep_vars=True).items()}
+            sharded.update(make_sharded_tensors_for_checkpoint(vision_sd, f"{prefix}vision_model.",
+                                                               tensor_parallel_layers_axis_map={}))
+        return sharded
+
+
+def build_model(hf_config, tp: int = 1, pp: int = 1, dtype: str = "fp32", transformer_impl: str = "local",
+                sequence_parallel: bool = False, make_vocab_size_divisible_by: int = 128, init_weights: bool = True,
+                pre_process: Optional[bool] = None, post_process: Optional[bool] = None, **config_overrides):
+    """Build this rank's stage (Megatron parallel state must be initialised at (TP, PP))."""
+    from megatron.core import parallel_state
+
+    hf_config = load_hf_config(hf_config)
+    config = to_transformer_config(hf_config, tp=tp, pp=pp, dtype=dtype, sequence_parallel=sequence_parallel,
+                                   init_weights=init_weights, **config_overrides)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    return Qwen2_5_VLMegatronModel(hf_config, config, transformer_impl=transformer_impl, pre_process=pre_process,
+                                   post_process=post_process, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
