@@ -42,3 +42,19 @@ def test_clipped_loss_gradient_on_cuda_matches_cpu():
         loss.backward()
         grads.append(logp.grad.cpu())
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
+def test_vocab_parallel_functions_on_cuda_tp1_match_reference():
+    from megatron_pgpo.parallel.vocab_parallel import vocab_parallel_kl, vocab_parallel_logprobs
+
+    gen = torch.Generator().manual_seed(3)
+    p = torch.randn(512, 152064, generator=gen)
+    q = p + 0.3 * torch.randn(512, 152064, generator=gen)
+    target = torch.randint(0, 151643, (512,), generator=gen)
+    # Qwen's real vocabulary is 151643 + specials < 152064: the padded tail must be ignored.
+    ref_kl = full_vocab_kl(p[:, :151665].double(), q[:, :151665].double())
+    got_kl = vocab_parallel_kl(p.cuda(), q.cuda(), vocab_size=151665, chunk_tokens=128).cpu().double()
+    torch.testing.assert_close(got_kl, ref_kl, atol=1e-5, rtol=1e-4)
+    ref_lp = torch.log_softmax(p[:, :151665].double(), -1).gather(-1, target[:, None])[:, 0]
+    got_lp = vocab_parallel_logprobs(p.cuda(), target.cuda(), vocab_size=151665).cpu().double()
+    torch.testing.assert_close(got_lp, ref_lp, atol=1e-4, rtol=1e-5)
