@@ -58,6 +58,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         return 0
     if args.describe:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         from .config import describe
@@ -66,7 +67,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         for col in ("key", "type", "default", "meaning"):
             table.add_column(col, overflow="fold")
         for key, type_name, default, doc in describe():
-            table.add_row(key, type_name, repr(default), doc.replace("\n", " "))
+            table.add_row(key, escape(type_name), escape(repr(default)), escape(doc.replace("\n", " ")))
         Console(width=max(120, Console().width)).print(table)
         return 0
     from .config import to_yaml

@@ -31,7 +31,8 @@ def test_config_prints_resolved_yaml_and_rejects_typos():
     bad = run("config", "algorithm.pgpo.tua=0.25", check=False)
     assert bad.returncode != 0 and "did you mean 'tau'" in bad.stderr
     assert "pgpo" in run("config", "--list-algorithms").stdout
-    assert "algorithm.pgpo.beta" in run("config", "--describe").stdout
+    described = run("config", "--describe").stdout
+    assert "algorithm.pgpo.beta" in described and "Optional[str]" in described  # rich markup escaped
 
 
 def test_demo_runs_and_prints_token_weights():
