@@ -1,0 +1,1 @@
+"""Prompts and images: the built-in synthetic visual tasks and local dataset files."""
