@@ -14,6 +14,7 @@ Neither renumbers positions, and neither feeds a blank image.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -41,9 +42,14 @@ class TextOnlyBatch:
 
 
 def drop_visual_tokens(input_ids: torch.Tensor, position_ids: torch.Tensor, image_mask: torch.Tensor,
-                       pad_token_id: int = 0) -> TextOnlyBatch:
-    """Remove the positions where ``image_mask [B, S]`` is True, keeping the original ``position_ids [3, B, S]``."""
+                       pad_token_id: int = 0, attention_mask: Optional[torch.Tensor] = None) -> TextOnlyBatch:
+    """Remove the positions where ``image_mask [B, S]`` is True, keeping the original ``position_ids [3, B, S]``.
+
+    ``attention_mask [B, S]`` (0 on padding), if given, drops the padding too, so ``valid`` marks real tokens only.
+    """
     keep = ~image_mask.bool()
+    if attention_mask is not None:
+        keep &= attention_mask.bool()
     counts = keep.sum(dim=1)
     width = int(counts.max()) if counts.numel() else 0
     batch = input_ids.shape[0]

@@ -1,0 +1,102 @@
+"""From sampled responses to model inputs: padded token tensors, 3-D positions, image slots, the response mask,
+and the text-only variant of every sequence.
+
+Label alignment: ``token_logprobs[b, t]`` is the log-prob of ``input_ids[b, t]`` given the tokens before it, read
+from the logits at position ``t - 1``. ``response_mask[b, t]`` is True exactly on response tokens (never on prompt,
+image or padding positions), so the same mask selects response tokens in the ids and their log-probs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..models.qwen2_5_vl.rope_index import get_rope_index, image_token_mask
+from ..models.qwen2_5_vl.text_only import TextOnlyBatch, drop_visual_tokens
+
+
+@dataclass
+class Sample:
+    """One sampled response with what training needs to know about it.
+
+    ``prompt_ids`` include the expanded image placeholder tokens; ``pixel_values [patches, C*T*P*P]`` and
+    ``image_grid_thw [num_images, 3]`` are the prompt's images (None for a text prompt).
+    """
+
+    prompt_ids: List[int]
+    response_ids: List[int]
+    reward: float = 0.0
+    group: int = 0
+    truncated: bool = False
+    rollout_logprobs: Optional[List[float]] = None
+    pixel_values: Optional[torch.Tensor] = None
+    image_grid_thw: Optional[torch.Tensor] = None
+    answer: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+@dataclass
+class ModelBatch:
+    """Padded inputs of a micro-batch (``B`` sequences, right-padded to ``S``).
+
+    input_ids ``[B, S]``; position_ids ``[3, B, S]``; image_mask ``bool[B, S]`` (prompt image slots);
+    response_mask ``bool[B, S]``; pixel_values ``[patches, D]`` / image_grid_thw ``[images, 3]`` (or None);
+    text_only: the same sequences without visual tokens (original positions kept); indices: which samples.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    image_mask: torch.Tensor
+    response_mask: torch.Tensor
+    pixel_values: Optional[torch.Tensor]
+    image_grid_thw: Optional[torch.Tensor]
+    text_only: TextOnlyBatch
+    indices: List[int]
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+
+def collate(samples: Sequence[Sample], indices: Sequence[int], image_token_id: int, spatial_merge_size: int,
+            pad_token_id: int = 0) -> ModelBatch:
+    """Pad and stack ``samples`` (in ``indices`` order) into a ``ModelBatch``."""
+    chosen = [samples[i] for i in indices]
+    width = max(s.length for s in chosen)
+    batch = len(chosen)
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((batch, width), dtype=torch.bool)
+    response_mask = torch.zeros((batch, width), dtype=torch.bool)
+    prompt_lengths = torch.zeros(batch, dtype=torch.long)
+    for row, s in enumerate(chosen):
+        ids = s.prompt_ids + s.response_ids
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention[row, : len(ids)] = True
+        response_mask[row, len(s.prompt_ids): len(ids)] = True
+        prompt_lengths[row] = len(s.prompt_ids)
+    image_mask = image_token_mask(input_ids, image_token_id, prompt_lengths)
+    with_images = [s for s in chosen if s.pixel_values is not None]
+    pixel_values = torch.cat([s.pixel_values for s in with_images]) if with_images else None
+    grid = torch.cat([s.image_grid_thw for s in with_images]) if with_images else None
+    position_ids = get_rope_index(input_ids, image_mask, grid, spatial_merge_size, attention_mask=attention)
+    text_only = drop_visual_tokens(input_ids, position_ids, image_mask, pad_token_id, attention_mask=attention)
+    return ModelBatch(input_ids, position_ids, image_mask, response_mask, pixel_values, grid, text_only,
+                      list(indices))
+
+
+def length_bucketed_micro_batches(samples: Sequence[Sample], micro_batch_size: int) -> List[List[int]]:
+    """Split sample indices into micro-batches of similar length (sorted by length, longest first), so padding
+    stays small; every index appears exactly once. Deterministic for a given input."""
+    order = sorted(range(len(samples)), key=lambda i: (-samples[i].length, i))
+    return [order[i: i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+
+
+def token_logprobs_from_shifted(values: torch.Tensor) -> torch.Tensor:
+    """Align per-position values computed from logits ``[B, S-1]`` (position ``t`` predicts ``t + 1``) to
+    the predicted tokens: ``[B, S]`` with 0 at position 0."""
+    return torch.cat([values.new_zeros(values.shape[0], 1), values], dim=1)
