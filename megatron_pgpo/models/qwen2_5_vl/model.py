@@ -41,8 +41,10 @@ class Qwen2_5_VLMegatronModel(nn.Module):
     def __init__(self, hf_config, transformer_config, transformer_impl: str = "local", pre_process: bool = True,
                  post_process: bool = True, make_vocab_size_divisible_by: int = 128, vp_stage: Optional[int] = None):
         super().__init__()
+        from megatron.core.enums import ModelType
         from megatron.core.models.gpt import GPTModel
 
+        self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
         self.hf_config = load_hf_config(hf_config)
         self.config = transformer_config
         self.dims = TextDims.from_hf(self.hf_config)
