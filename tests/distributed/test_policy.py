@@ -1,0 +1,146 @@
+"""The policy update through Megatron's schedules equals a plain computation on the whole batch.
+
+At DP=2 (each rank trains on half the batch, in micro-batches) and at TP=2 (vocab-parallel logits, sharded
+weights), the gradients Megatron accumulates must equal the gradient of the clipped token-mean loss of the whole
+global batch computed in one autograd call on the same weights: this pins down the loss scaling over
+micro-batches and DP ranks, the response mask and the label shift.
+"""
+import pytest
+
+import megatron_pgpo.models.qwen2_5_vl  # noqa: F401  (torchvision shim before transformers)
+
+N_SAMPLES = 8
+
+
+def _samples(seed=0):
+    import torch
+
+    from megatron_pgpo.models.qwen2_5_vl.tiny import IMAGE_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID
+    from megatron_pgpo.trainer.batch import Sample
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(N_SAMPLES):
+        prompt = [5, 6 + i % 3, VISION_START_TOKEN_ID] + [IMAGE_TOKEN_ID] * 4 + [VISION_END_TOKEN_ID, 7]
+        response = torch.randint(0, 990, (2 + i,), generator=gen).tolist()
+        out.append(Sample(prompt_ids=prompt, response_ids=response, pixel_values=torch.randn(16, 1176, generator=gen),
+                          image_grid_thw=torch.tensor([[1, 4, 4]])))
+    return out
+
+
+def _update_grads_vs_reference(hf_path, tp, aggregation):
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from megatron_pgpo.algorithms import clipped_policy_loss
+    from megatron_pgpo.config import load_config
+    from megatron_pgpo.models.qwen2_5_vl.loading import load_hf_into_model
+    from megatron_pgpo.models.qwen2_5_vl.model import build_model
+    from megatron_pgpo.models.qwen2_5_vl.tiny import IMAGE_TOKEN_ID
+    from megatron_pgpo.trainer.batch import collate, length_bucketed_micro_batches
+    from megatron_pgpo.trainer.policy import MegatronPolicy, shifted_logprobs, update_loss_func
+
+    model = build_model(hf_path, tp=tp)
+    load_hf_into_model(model, hf_path, ps.get_tensor_model_parallel_rank(), tp)
+    samples = _samples()
+    full = collate(samples, list(range(N_SAMPLES)), IMAGE_TOKEN_ID, 2)
+    gen = torch.Generator().manual_seed(1)
+    advantages = torch.randn(N_SAMPLES, generator=gen)
+    noise = 0.2 * torch.randn(full.input_ids.shape, generator=gen)
+
+    # Reference: one autograd call on the whole batch (autograd.grad, so DDP's hooks are not involved).
+    logits = model(full.input_ids, full.position_ids, pixel_values=full.pixel_values,
+                   image_grid_thw=full.image_grid_thw, image_mask=full.image_mask)
+    logp = shifted_logprobs(logits, full.input_ids, model.vocab_size)
+    old_logp = (logp.detach() + noise) * full.response_mask
+    token_adv = advantages[:, None] * full.response_mask
+    ref_loss, _ = clipped_policy_loss(logp, old_logp, token_adv, full.response_mask, aggregation=aggregation)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ref_grads = torch.autograd.grad(ref_loss, [p for _, p in params], allow_unused=True)
+
+    # The distributed optimizer reduce-scatters: each DP rank holds the reduced gradient of its shard only.
+    # All-reduce here so every rank's full gradient can be compared (the distributed path is tested below).
+    cfg = load_config(None, [f"parallel.tensor_model_parallel_size={tp}", f"algorithm.aggregation={aggregation}",
+                             "parallel.use_distributed_optimizer=false"])
+    policy = MegatronPolicy(model, cfg)
+    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    mine = list(range(dp_rank, N_SAMPLES, dp))
+    local = [samples[i] for i in mine]
+    micro = [collate(samples, [mine[j] for j in idx], IMAGE_TOKEN_ID, 2)
+             for idx in length_bucketed_micro_batches(local, 2)]
+    extras = [{"old_logp": old_logp[mb.indices][:, : mb.input_ids.shape[1]],
+               "advantages": token_adv[mb.indices][:, : mb.input_ids.shape[1]]} for mb in micro]
+    policy.model.zero_grad_buffer()
+    policy.model.train()
+    from functools import partial
+
+    loss_func = partial(update_loss_func, vocab_size=model.vocab_size, loss_name="clipped",
+                        loss_kwargs=dict(aggregation=aggregation, global_num_tokens=float(full.response_mask.sum()),
+                                         global_num_seqs=float(N_SAMPLES)),
+                        scale=float(len(micro) * dp))
+    reported = policy._run(micro, extras, "update", loss_func, False)
+    diffs = {n: float((p.main_grad - g).abs().max()) for (n, p), g in zip(params, ref_grads) if g is not None}
+    total_loss = sum(float(r["loss"]) for r in reported)
+    scale = max(float(g.abs().max()) for g in ref_grads if g is not None)
+    return {"max_diff": max(diffs.values()), "n": len(diffs), "loss": total_loss, "ref_loss": float(ref_loss),
+            "grad_scale": scale}
+
+
+@pytest.mark.parametrize("tp, aggregation", [(1, "token-mean"), (1, "seq-mean-token-mean"), (2, "token-mean")])
+def test_megatron_update_gradients_equal_whole_batch_reference(workers, tiny_hf_checkpoint, tp, aggregation):
+    results = workers.run(_update_grads_vs_reference, str(tiny_hf_checkpoint), tp, aggregation, tp=tp)
+    for r in results:
+        assert r["n"] > 40  # language and vision parameters all received gradients
+        assert r["grad_scale"] > 1e-3
+        assert r["max_diff"] < 1e-5, r
+    if tp == 1:  # DP=2: each rank's loss is its share of the global token mean
+        assert sum(r["loss"] for r in results) == pytest.approx(results[0]["ref_loss"], abs=1e-5)
+    else:
+        assert results[0]["loss"] == pytest.approx(results[0]["ref_loss"], abs=1e-5)
+
+
+def _one_step_params(hf_path, distributed_optimizer):
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from megatron_pgpo.config import load_config
+    from megatron_pgpo.models.qwen2_5_vl.loading import load_hf_into_model
+    from megatron_pgpo.models.qwen2_5_vl.model import build_model
+    from megatron_pgpo.models.qwen2_5_vl.tiny import IMAGE_TOKEN_ID
+    from megatron_pgpo.trainer.batch import collate
+    from megatron_pgpo.trainer.policy import MegatronPolicy
+
+    model = build_model(hf_path)
+    load_hf_into_model(model, hf_path)
+    samples = _samples()
+    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    mine = list(range(dp_rank, N_SAMPLES, dp))
+    mb = collate(samples, mine, IMAGE_TOKEN_ID, 2)
+    gen = torch.Generator().manual_seed(2)
+    full_adv = torch.randn(N_SAMPLES, generator=gen)
+    extras = [{"old_logp": torch.full(mb.input_ids.shape, -2.0) * mb.response_mask,
+               "advantages": full_adv[mine][:, None] * mb.response_mask}]
+    total = float(sum(len(s.response_ids) for s in samples))
+    cfg = load_config(None, [f"parallel.use_distributed_optimizer={str(distributed_optimizer).lower()}",
+                             "trainer.lr=1e-2"])
+    policy = MegatronPolicy(model, cfg)
+    stats = policy.update([mb], extras, total, float(N_SAMPLES))
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, stats
+
+
+def test_distributed_optimizer_step_equals_replicated_optimizer(workers, tiny_hf_checkpoint):
+    sharded = workers.run(_one_step_params, str(tiny_hf_checkpoint), True, tp=1)
+    plain = workers.run(_one_step_params, str(tiny_hf_checkpoint), False, tp=1)
+    for (params_a, stats_a), (params_b, stats_b) in zip(sharded, plain):
+        assert stats_a["actor/skipped_updates"] == 0.0 and stats_a["actor/grad_norm"] > 0
+        assert stats_a["actor/grad_norm"] == pytest.approx(stats_b["actor/grad_norm"], rel=1e-5)
+        assert max(float((params_a[n] - params_b[n]).abs().max()) for n in params_a) < 1e-6
+    # both DP ranks hold the same weights after the step
+    assert max(float((sharded[0][0][n] - sharded[1][0][n]).abs().max()) for n in sharded[0][0]) == 0.0
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_checkpoint(tmp_path_factory):
+    from megatron_pgpo.models.qwen2_5_vl.tiny import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_policy"), "tiny", seed=0)
