@@ -144,3 +144,87 @@ def tiny_hf_checkpoint(tmp_path_factory):
     from megatron_pgpo.models.qwen2_5_vl.tiny import save_tiny_checkpoint
 
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_policy"), "tiny", seed=0)
+
+
+def _pipeline_case(hf_path):
+    """PP=2: the scoring pass's old log-probs and the update's gradients equal a one-stage reference (built in
+    the same process, unsharded), compared per HF tensor name."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from megatron_pgpo.config import load_config
+    from megatron_pgpo.models.qwen2_5_vl.hf_config import load_hf_config
+    from megatron_pgpo.models.qwen2_5_vl.loading import load_hf_into_model, stage_mappings
+    from megatron_pgpo.models.qwen2_5_vl.mapping import to_hf
+    from megatron_pgpo.models.qwen2_5_vl.model import Qwen2_5_VLMegatronModel, build_model
+    from megatron_pgpo.models.qwen2_5_vl.hf_config import to_transformer_config
+    from megatron_pgpo.models.qwen2_5_vl.tiny import IMAGE_TOKEN_ID
+    from megatron_pgpo.trainer.batch import collate, length_bucketed_micro_batches
+    from megatron_pgpo.trainer.policy import MegatronPolicy, shifted_logprobs
+
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    samples = _samples()
+    full = collate(samples, list(range(N_SAMPLES)), IMAGE_TOKEN_ID, 2)
+    gen = torch.Generator().manual_seed(1)
+    advantages = torch.randn(N_SAMPLES, generator=gen)
+
+    # One-stage reference in this process (pp=1 config: every layer, embedding and head).
+    hf_config = load_hf_config(hf_path)
+    ref = Qwen2_5_VLMegatronModel(hf_config, to_transformer_config(hf_config, tp=1, pp=1))
+    load_hf_into_model(ref, hf_path)
+    logits = ref(full.input_ids, full.position_ids, pixel_values=full.pixel_values,
+                 image_grid_thw=full.image_grid_thw, image_mask=full.image_mask)
+    logp = shifted_logprobs(logits, full.input_ids, ref.vocab_size)
+    old_logp = (logp.detach() + 0.2 * torch.randn(logp.shape, generator=gen)) * full.response_mask
+    token_adv = advantages[:, None] * full.response_mask
+    from megatron_pgpo.algorithms import clipped_policy_loss
+
+    ref_loss, _ = clipped_policy_loss(logp, old_logp, token_adv, full.response_mask)
+    ref_loss.backward()
+    ref_grads = {}
+    for m in stage_mappings(ref, 0, 1):
+        grads = to_hf(m.kind, [ref.state_dict(keep_vars=True)[m.mcore].grad], ref.dims, ref.vocab_size)
+        ref_grads.update(zip(m.hf, grads))
+
+    model = build_model(hf_path, pp=2)
+    load_hf_into_model(model, hf_path, pp_rank=pp_rank, pp_size=2)
+    cfg = load_config(None, ["parallel.pipeline_model_parallel_size=2", "parallel.use_distributed_optimizer=false",
+                             "trainer.grad_clip=0"])
+    policy = MegatronPolicy(model, cfg)
+    micro = [collate(samples, idx, IMAGE_TOKEN_ID, 2) for idx in length_bucketed_micro_batches(samples, 3)]
+    scored = policy.score(micro)
+    logp_err = 0.0
+    for out in scored:
+        for row, i in enumerate(out.indices):
+            width = full.response_mask[i].sum()
+            logp_err = max(logp_err, float((out.logp[row][out.logp[row] != 0][:width] -
+                                            logp[i][full.response_mask[i]]).abs().max()))
+    extras = [{"old_logp": old_logp[mb.indices][:, : mb.input_ids.shape[1]],
+               "advantages": token_adv[mb.indices][:, : mb.input_ids.shape[1]]} for mb in micro]
+    from functools import partial
+
+    from megatron_pgpo.trainer.policy import update_loss_func
+
+    policy.model.zero_grad_buffer()
+    policy.model.train()
+    loss_func = partial(update_loss_func, vocab_size=model.vocab_size, loss_name="clipped",
+                        loss_kwargs=dict(global_num_tokens=float(full.response_mask.sum())), scale=float(len(micro)))
+    policy._run(micro, extras, "update", loss_func, False)
+    grad_err, compared = 0.0, 0
+    for m in stage_mappings(model, pp_rank, 2):
+        grads = to_hf(m.kind, [model.state_dict(keep_vars=True)[m.mcore].main_grad], model.dims, model.vocab_size)
+        for name, g in zip(m.hf, grads):
+            grad_err = max(grad_err, float((g - ref_grads[name]).abs().max()))
+            compared += 1
+    return {"stage": pp_rank, "scored": len(scored), "logp_err": logp_err, "grad_err": grad_err,
+            "compared": compared}
+
+
+def test_pipeline_parallel_score_and_update_equal_one_stage(workers, tiny_hf_checkpoint):
+    results = workers.run(_pipeline_case, str(tiny_hf_checkpoint), tp=1, pp=2)
+    first, last = sorted(results, key=lambda r: r["stage"])
+    assert first["scored"] == 0 and last["scored"] == 3  # only the last stage reduces to per-token scalars
+    assert last["logp_err"] < 1e-5
+    assert first["compared"] > 30 and last["compared"] >= 8  # vision + layer 0 on stage 0; layer 1 + head on 1
+    for r in results:
+        assert r["grad_err"] < 1e-5, r

@@ -162,6 +162,11 @@ def to_transformer_config(
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        # Pipeline stages exchange activations whose [S, B, H] shape changes per micro-batch (length bucketing,
+        # stacked text-only rows), so the schedule must send shapes first. Megatron 0.16 rejects that flag with
+        # its default MoE dispatcher even without MoE layers; the dispatcher choice is moot for dense models.
+        variable_seq_lengths=pp > 1,
+        moe_token_dispatcher_type="alltoall",
     )
     if recompute == "selective":
         kwargs.update(recompute_granularity="selective")
