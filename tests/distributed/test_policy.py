@@ -228,3 +228,60 @@ def test_pipeline_parallel_score_and_update_equal_one_stage(workers, tiny_hf_che
     assert first["compared"] > 30 and last["compared"] >= 8  # vision + layer 0 on stage 0; layer 1 + head on 1
     for r in results:
         assert r["grad_err"] < 1e-5, r
+
+
+def _resume_case(hf_path, ckpt_dir):
+    """One update, save, then (a) a second update in this run, and (b) a fresh model + optimizer that loads the
+    checkpoint and does the same second update: parameters must be bit-identical."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_pgpo.config import load_config
+    from megatron_pgpo.models.qwen2_5_vl.loading import load_hf_into_model
+    from megatron_pgpo.models.qwen2_5_vl.model import build_model
+    from megatron_pgpo.models.qwen2_5_vl.tiny import IMAGE_TOKEN_ID
+    from megatron_pgpo.trainer.batch import collate
+    from megatron_pgpo.trainer.checkpoint import load_training_state, save_training_state
+    from megatron_pgpo.trainer.policy import MegatronPolicy
+
+    samples = _samples()
+    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    mine = list(range(dp_rank, N_SAMPLES, dp))
+    mb = collate(samples, mine, IMAGE_TOKEN_ID, 2)
+    total = float(sum(len(s.response_ids) for s in samples))
+
+    def extras(seed):
+        gen = torch.Generator().manual_seed(seed)
+        adv = torch.randn(N_SAMPLES, generator=gen)[mine]
+        return [{"old_logp": torch.full(mb.input_ids.shape, -3.0) * mb.response_mask,
+                 "advantages": adv[:, None] * mb.response_mask}]
+
+    cfg = load_config(None, ["trainer.lr=1e-2"])
+
+    def fresh():
+        model = build_model(hf_path)
+        load_hf_into_model(model, hf_path)
+        return MegatronPolicy(model, cfg)
+
+    policy = fresh()
+    policy.update([mb], extras(1), total, float(N_SAMPLES))
+    save_training_state(policy, ckpt_dir, {"step": 1})
+    expected_draw = torch.rand(3)  # the RNG state of the save must come back on resume
+    policy.update([mb], extras(2), total, float(N_SAMPLES))
+    continued = {n: p.detach().clone() for n, p in policy.module.named_parameters()}
+
+    resumed = fresh()
+    state = load_training_state(resumed, ckpt_dir)
+    resumed_draw = torch.rand(3)
+    resumed.update([mb], extras(2), total, float(N_SAMPLES))
+    diff = max(float((p.detach() - continued[n]).abs().max()) for n, p in resumed.module.named_parameters())
+    dist.barrier()
+    return {"step": state["step"], "diff": diff, "rng_ok": torch.equal(expected_draw, resumed_draw)}
+
+
+def test_checkpoint_resume_is_bit_identical(workers, tiny_hf_checkpoint, tmp_path):
+    results = workers.run(_resume_case, str(tiny_hf_checkpoint), str(tmp_path), tp=1)
+    for r in results:
+        assert r["step"] == 1 and r["rng_ok"]
+        assert r["diff"] == 0.0, r

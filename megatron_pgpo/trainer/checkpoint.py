@@ -1,0 +1,106 @@
+"""Save and resume a training run: model and optimizer as a Megatron distributed checkpoint (torch_dist, loadable
+at another TP/PP for the model; DP-reshardable for the optimizer), plus trainer state (step, data position, RNG).
+
+Three measured fixes for Megatron-Core 0.16.1 with torch Adam (no Apex/TE), see STACK.md: the optimizer is saved
+with ``distrib_optim_sharding_type='dp_reshardable'``; ``load_state_dict`` runs under ``no_grad``; and after a
+load every parameter gets its own Adam ``step`` tensor (the load shares one, which Adam would then increment once
+per parameter, corrupting the bias correction).
+
+Directory layout inside a checkpoint (see ``run_dir.py`` for the atomic rename around it)::
+
+    step_00000050/
+      model_optim/          Megatron dist checkpoint (model + optimizer)
+      trainer_state.pt      per-rank: step, data position, python/numpy/torch RNG states (one file per rank)
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _rng_state() -> Dict[str, Any]:
+    import numpy as np
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def sharded_state(policy, is_loading: bool) -> dict:
+    """Model + optimizer sharded state dict of a ``MegatronPolicy``."""
+    model_sd = policy.module.sharded_state_dict()
+    optim_sd = policy.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
+def save_training_state(policy, directory: Path, trainer_state: Dict[str, Any]) -> None:
+    """Collective: every rank calls it with the same ``directory`` (which must exist)."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    target = Path(directory) / "model_optim"
+    if dist.get_rank() == 0:
+        target.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(sharded_state(policy, is_loading=False), str(target))
+    state = dict(trainer_state, rng=_rng_state())
+    torch.save(state, Path(directory) / f"trainer_state_rank{dist.get_rank():05d}.pt")
+
+
+def load_training_state(policy, directory: Path) -> Dict[str, Any]:
+    """Collective: restores model, optimizer and this rank's RNG; returns the saved trainer state."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    _materialise_optimizer_state(policy.optimizer)
+    loaded = dist_checkpointing.load(sharded_state(policy, is_loading=True), str(Path(directory) / "model_optim"))
+    policy.module.load_state_dict(loaded["model"], strict=False)
+    with torch.no_grad():
+        policy.optimizer.load_state_dict(loaded["optimizer"])
+    _unshare_adam_steps(policy.optimizer)
+    state = torch.load(Path(directory) / f"trainer_state_rank{dist.get_rank():05d}.pt", weights_only=False)
+    _set_rng_state(state.pop("rng"))
+    return state
+
+
+def _materialise_optimizer_state(optimizer) -> None:
+    """A fresh optimizer has no Adam state, and without Apex/TE Megatron's ``state_dict`` asserts on the ``step``
+    of existing state: take one zero-gradient step first (Megatron's own dummy-state trick). Weight decay moves the
+    weights a little, which does not matter: the load overwrites weights and optimizer state alike."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_opt = getattr(opt, "optimizer", None)
+        if torch_opt is None or any(torch_opt.state.values()):
+            continue
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            opt._init_optimizer_states_with_dummy_values()
+            continue
+        for group in torch_opt.param_groups:
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        torch_opt.step()
+        torch_opt.zero_grad()
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """Give every parameter its own Adam ``step`` tensor (see the module docstring)."""
+    inner_optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
+    for opt in inner_optimizers:
+        torch_opt = getattr(opt, "optimizer", None)
+        if torch_opt is None:
+            continue
+        for group in torch_opt.param_groups:
+            for param in group["params"]:
+                state = torch_opt.state.get(param)
+                if state and "step" in state:
+                    state["step"] = torch.tensor(float(state["step"]))
