@@ -1,0 +1,123 @@
+"""The demo's starting point: a tiny Qwen2.5-VL-architecture checkpoint with a word-level vocabulary for the
+built-in task, warmed up on the answer *format* (random answers) so RL starts above zero reward.
+
+PGPO_SPEC.md section 6 measured this recipe: ~250 supervised steps on the format with random answers leave the
+model at ~0.95 format rate and chance accuracy (1/6 on the colour task); RL then has to learn to read the image.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import List
+
+import torch
+
+#: Whole-token markers of the response format (the word-level pre-tokenizer would split them otherwise).
+FORMAT_TOKENS = ("<think>", "</think>", "\\boxed{")
+
+
+def demo_words(task: str) -> List[str]:
+    """Vocabulary of the demo tokenizer: chat-template words, the task's questions and answers, the format."""
+    from .data.synthetic import answer_vocabulary, question_vocabulary
+    from .models.qwen2_5_vl.tiny_tokenizer import DEFAULT_WORDS
+    from .trainer.prompts import INSTRUCTION
+
+    words = list(DEFAULT_WORDS) + list(FORMAT_TOKENS) + ["the", "answer", "is", "i", "see"]
+    words += question_vocabulary(task) + answer_vocabulary(task) + INSTRUCTION.replace("\\boxed{}", "").split()
+    seen, out = set(), []
+    for w in words:
+        if w not in seen and not any(c.isspace() for c in w):
+            seen.add(w)
+            out.append(w)
+    return out
+
+
+def build_demo_checkpoint(path: Path, task: str = "colour", preset: str = "tiny", seed: int = 0) -> Path:
+    """Tiny random weights + word-level tokenizer (format markers as whole tokens) + image processor config."""
+    from tokenizers import AddedToken
+
+    from .models.qwen2_5_vl.tiny import save_tiny_checkpoint
+    from .models.qwen2_5_vl.tiny_tokenizer import build_tiny_tokenizer, save_tiny_processor
+
+    path = Path(path)
+    save_tiny_checkpoint(path, preset, seed)
+    save_tiny_processor(path, demo_words(task))
+    tokenizer = build_tiny_tokenizer(demo_words(task))
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in FORMAT_TOKENS])
+    assert len(tokenizer) == tokenizer.vocab_size, "format tokens must reuse vocabulary ids"
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _encode(tokenizer, processor, example, response: str, image_token_id: int):
+    """(input_ids [L], labels [L], pixel_values, grid) for one prompt + target response."""
+    from .trainer.prompts import messages_for
+
+    image = processor(images=[example.image], return_tensors="pt")
+    n_image = int(image["image_grid_thw"].prod()) // 4
+    prompt = tokenizer.apply_chat_template(messages_for(example.question), tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    i = prompt_ids.index(image_token_id)
+    prompt_ids = prompt_ids[:i] + [image_token_id] * n_image + prompt_ids[i + 1:]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = prompt_ids + response_ids
+    labels = [-100] * len(prompt_ids) + response_ids
+    return ids, labels, image["pixel_values"], image["image_grid_thw"]
+
+
+def warm_up(path: Path, task: str = "colour", steps: int = 250, batch_size: int = 16, lr: float = 1e-3,
+            seed: int = 0, progress: bool = True) -> dict:
+    """Supervised warm-up on the format with random answers; overwrites the weights in ``path``.
+
+    Returns ``{"loss": final loss, "seconds": wall time}``.
+    """
+    import time
+
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from .data.synthetic import SyntheticTask, answer_vocabulary
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    processor = AutoImageProcessor.from_pretrained(path)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, attn_implementation="eager")
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    data = SyntheticTask(task, 512, seed=seed + 17, split="train")
+    answers = answer_vocabulary(task)
+    image_token_id = model.config.image_token_id
+    start, loss = time.perf_counter(), torch.tensor(0.0)
+    iterator = range(steps)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc="format warm-up", unit="step")
+    for _ in iterator:
+        batch = [data[rng.randrange(len(data))] for _ in range(batch_size)]
+        encoded = []
+        for ex in batch:
+            guess = rng.choice(answers)
+            encoded.append(_encode(tokenizer, processor, ex, f"<think> the answer is {guess} </think> \\boxed{{{guess}}}",
+                                   image_token_id))
+        width = max(len(e[0]) for e in encoded)
+        ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
+        labels = torch.full((len(encoded), width), -100)
+        attention = torch.zeros((len(encoded), width), dtype=torch.long)
+        mm = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, (i, l, _, _) in enumerate(encoded):
+            ids[row, : len(i)] = torch.tensor(i)
+            labels[row, : len(l)] = torch.tensor(l)
+            attention[row, : len(i)] = 1
+        mm[ids == image_token_id] = 1
+        out = model(input_ids=ids, attention_mask=attention, labels=labels, mm_token_type_ids=mm,
+                    pixel_values=torch.cat([e[2] for e in encoded]), image_grid_thw=torch.cat([e[3] for e in encoded]))
+        loss = out.loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if progress:
+            iterator.set_postfix(loss=f"{loss.item():.3f}")
+    model.save_pretrained(path, safe_serialization=True)
+    return {"loss": float(loss), "seconds": time.perf_counter() - start}

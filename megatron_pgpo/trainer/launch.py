@@ -1,0 +1,118 @@
+"""Starting the ranks of a training run: under torchrun/srun (the environment names rank and world size) or,
+locally, by spawning ``TP x PP x DP`` processes on this machine (CPU gloo or one GPU each).
+
+Slurm: ``srun`` sets ``SLURM_PROCID`` / ``SLURM_NTASKS``; the sbatch templates export ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` from them, which is what this module reads.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from typing import Optional
+
+import torch
+
+from ..config import Config
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def datasets_for(cfg: Config):
+    """(train, val) datasets: the built-in synthetic task, or local files."""
+    if cfg.data.train_path is None:
+        from ..data.synthetic import SyntheticTask
+
+        return (SyntheticTask(cfg.data.task, cfg.data.num_train_examples, cfg.trainer.seed, "train"),
+                SyntheticTask(cfg.data.task, cfg.data.num_val_examples, cfg.trainer.seed, "val"))
+    from ..data.files import load_examples
+
+    train, skipped = load_examples(cfg.data.train_path, cfg.data.layout)
+    if skipped.total:
+        log.warning("skipped %d training rows: %s", skipped.total, dict(skipped.counts))
+    val = load_examples(cfg.data.val_path, cfg.data.layout)[0] if cfg.data.val_path else None
+    return train, val
+
+
+def init_rank(cfg: Config, rank: int, world_size: int, master_addr: str, master_port: int,
+              local_rank: Optional[int] = None) -> None:
+    """Process group (gloo on CPU, nccl on GPU), CPU patches where needed, Megatron's parallel state."""
+    import torch.distributed as dist
+
+    from ..parallel.cpu_compat import apply_cpu_patches, set_model_parallel_layout
+
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(local_rank if local_rank is not None else rank % torch.cuda.device_count())
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=10))
+    if not on_gpu:
+        apply_cpu_patches()
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    cfg.parallel.data_parallel_size(world_size)  # clear error if TP x PP does not divide the world
+    set_model_parallel_layout(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
+                              seed=cfg.trainer.seed)
+
+
+def rank_main(rank: int, cfg: Config, world_size: int, master_port: int, result_queue=None) -> None:
+    """One rank: init, train, export, report (rank 0 puts a summary on ``result_queue``)."""
+    import torch.distributed as dist
+
+    from .loop import Trainer
+
+    init_rank(cfg, rank, world_size, "127.0.0.1", master_port)
+    train, val = datasets_for(cfg)
+    trainer = Trainer(cfg, train, val)
+    try:
+        before = trainer.evaluate() if trainer.step == 0 and cfg.trainer.eval_every else None
+        last = trainer.run()
+        after = trainer.evaluate()
+        export = None
+        if cfg.checkpoint.export_hf:
+            export = trainer.export_hf(trainer.run_dir / "hf")
+        if rank == 0 and result_queue is not None:
+            result_queue.put({"accuracy_before": before, "accuracy_after": after, "last": last,
+                              "export": str(export) if export else None, "step": trainer.step})
+    finally:
+        trainer.close()
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def launch(cfg: Config, nproc: Optional[int] = None) -> dict:
+    """Run training on this machine: under torchrun/srun if their environment is set, else spawn ``nproc``
+    processes (default TP x PP). Returns rank 0's summary (local spawn only)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        from .loop import Trainer
+
+        init_rank(cfg, rank, world, os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", "29500")),
+                  int(os.environ.get("LOCAL_RANK", rank)))
+        train, val = datasets_for(cfg)
+        trainer = Trainer(cfg, train, val)
+        try:
+            trainer.run()
+            if cfg.checkpoint.export_hf:
+                trainer.export_hf(trainer.run_dir / "hf")
+        finally:
+            trainer.close()
+        return {}
+    import torch.multiprocessing as mp
+
+    world = nproc or cfg.parallel.model_parallel_size
+    cfg.parallel.data_parallel_size(world)
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(rank_main, args=(cfg, world, free_port(), queue), nprocs=world, join=True,
+                       start_method="spawn")
+    return queue.get() if not queue.empty() else {}

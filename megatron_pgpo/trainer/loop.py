@@ -1,0 +1,388 @@
+"""The distributed PGPO / DAPO / GRPO training loop (one instance per rank, all ranks in lockstep).
+
+A step:
+ 1. prompts: the next ``data.rollout_batch_size`` prompts of the deterministic stream; DP replica ``d`` takes
+    prompts ``d, d + DP, ...``;
+ 2. rollouts: each replica's engine owner samples ``rollout.n`` responses per prompt and scores them (reward);
+    everything is all-gathered, so every rank holds the whole rollout batch (for group statistics);
+ 3. DAPO dynamic sampling (optional): groups whose rewards are all equal are dropped and more prompts sampled,
+    at most ``algorithm.dapo.max_sampling_rounds`` rounds;
+ 4. scoring pass (no grad, every mini-batch before any update): old log-probs, text-only log-probs, visual
+    dependency S and entropy, reduced to per-token scalars on the last pipeline stage;
+ 5. advantages: group-normalised rewards for the whole batch, reshaped per token by the registered shaper
+    (``grpo`` broadcast or ``pgpo`` weights) on the last stage;
+ 6. updates: ``ppo_epochs`` passes over mini-batches of ``trainer.global_batch_size`` prompts, each one optimizer
+    step with the exact global token-mean loss;
+ 7. weight sync into the engines; metrics; periodic evaluation and checkpoints (and on a preemption signal).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..algorithms import ADVANTAGE_SHAPERS, dapo_keep_groups, group_normalized_advantages
+from ..algorithms.dapo import overlong_soft_penalty
+from ..config import Config, to_dict
+from .batch import Sample, collate, length_bucketed_micro_batches
+from .prompts import ImageEncoder, PromptStream, messages_for, split_round_robin
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Everything one rank needs; ``run()`` trains to ``trainer.total_steps``.
+
+    Args:
+        cfg: the run config. ``model.hf_path`` must name a complete HF checkpoint dir (weights, tokenizer,
+            preprocessor config); the demo creates one for the tiny model.
+        dataset: train examples (indexable, ``len``); ``val_dataset``: held-out examples.
+    """
+
+    def __init__(self, cfg: Config, dataset, val_dataset=None):
+        from megatron.core import parallel_state as ps
+
+        from ..models.qwen2_5_vl.loading import load_hf_into_model
+        from ..models.qwen2_5_vl.model import build_model
+        from ..rewards import RewardScorer
+        from ..rollout.weight_sync import is_engine_owner
+        from .policy import MegatronPolicy
+
+        self.cfg, self.dataset, self.val_dataset = cfg, dataset, val_dataset
+        self.run_dir = Path(cfg.trainer.run_dir)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.tp, self.pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.is_last_stage = ps.is_pipeline_last_stage()
+        hf_path = cfg.model.hf_path
+        model = build_model(hf_path, tp=self.tp, pp=self.pp, dtype=cfg.model.dtype,
+                            transformer_impl=cfg.model.transformer_impl, sequence_parallel=cfg.parallel.sequence_parallel,
+                            make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by)
+        load_hf_into_model(model, hf_path, ps.get_tensor_model_parallel_rank(), self.tp,
+                           ps.get_pipeline_model_parallel_rank(), self.pp, cfg.model.transformer_impl)
+        self.policy = MegatronPolicy(model, cfg)
+        self.image_token_id = model.image_token_id
+        self.merge = model.spatial_merge_size
+        self.images = ImageEncoder(hf_path)
+        self.stream = PromptStream(len(dataset), cfg.trainer.seed, cfg.data.shuffle)
+        self.step = 0
+        self.owner = is_engine_owner()
+        self.engine = self._make_engine() if self.owner else None
+        self.scorer = RewardScorer(accuracy_weight=cfg.reward.accuracy_weight, format_weight=cfg.reward.format_weight,
+                                   timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers,
+                                   max_answer_chars=cfg.reward.max_answer_chars) if self.owner else None
+        self.metrics = None
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _make_engine(self):
+        from ..rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
+
+        r = self.cfg.rollout
+        on_cpu = not torch.cuda.is_available()
+        engine = VLLMEngine(VLLMEngineConfig(
+            model_path=self.cfg.model.hf_path, run_dir=str(self.run_dir), dtype="float32" if on_cpu else "auto",
+            tensor_parallel_size=self.cfg.parallel.rollout_tensor_parallel_size,
+            kv_cache_memory_bytes=r.kv_cache_memory_bytes if on_cpu else None,
+            gpu_memory_utilization=r.gpu_memory_utilization, seed=self.cfg.trainer.seed,
+            bucket_bytes=r.weight_sync_bucket_mb << 20))
+        engine.start()
+        return engine
+
+    def _sampling(self, greedy: bool = False, seed: Optional[int] = None, n: Optional[int] = None):
+        from ..rollout.engine import SamplingConfig
+
+        r = self.cfg.rollout
+        if greedy:
+            return SamplingConfig(n=1, temperature=0.0, max_tokens=r.max_new_tokens, seed=seed)
+        return SamplingConfig(n=n or r.n, temperature=r.temperature, top_p=r.top_p,
+                              top_k=r.top_k if r.top_k > 0 else 0, max_tokens=r.max_new_tokens, seed=seed)
+
+    # ------------------------------------------------------------------------------------------------ rollouts
+    def _generate(self, dataset, indices: List[int], sampling) -> List[Sample]:
+        """Sample and score this replica's share of ``indices``, then all-gather: every rank gets all Samples."""
+        from ..rollout.engine import RolloutRequest
+
+        mine = split_round_robin(indices, self.dp, self.dp_rank)
+        local: List[dict] = []
+        if self.owner and mine:
+            examples = [dataset[i] for i in mine]
+            outputs = self.engine.generate([RolloutRequest(messages_for(e.question), e.image) for e in examples],
+                                           sampling)
+            results = self.scorer.score_batch([o.text for o in outputs],
+                                              [examples[o.request_index].answer for o in outputs])
+            for o, res in zip(outputs, results):
+                local.append(dict(prompt_index=mine[o.request_index], prompt_ids=o.prompt_token_ids,
+                                  response_ids=o.response_token_ids, logprobs=o.logprobs,
+                                  truncated=o.finish_reason == "length", reward=res.score, accuracy=res.accuracy,
+                                  format=res.format, text=o.text))
+        gathered: List[Optional[List[dict]]] = [None] * self.world
+        dist.all_gather_object(gathered, local)
+        records = sorted((r for part in gathered if part for r in part),
+                         key=lambda r: indices.index(r["prompt_index"]))  # stable: sample order kept
+        samples = []
+        for rec in records:
+            example = dataset[rec["prompt_index"]]
+            pixels, grid = self.images(rec["prompt_index"], example.image)
+            n_slots = sum(1 for t in rec["prompt_ids"] if t == self.image_token_id)
+            if n_slots != self.images.num_tokens(grid):
+                raise RuntimeError(f"the engine's prompt has {n_slots} image tokens but the image processor gives "
+                                   f"{self.images.num_tokens(grid)}: engine and trainer preprocess images differently")
+            samples.append(Sample(prompt_ids=list(rec["prompt_ids"]), response_ids=list(rec["response_ids"]) or [0],
+                                  reward=rec["reward"], group=rec["prompt_index"], truncated=rec["truncated"],
+                                  rollout_logprobs=rec["logprobs"], pixel_values=pixels, image_grid_thw=grid,
+                                  answer=example.answer, extra={k: rec[k] for k in ("accuracy", "format", "text")}))
+        return samples
+
+    def _rollout_batch(self) -> Tuple[List[Sample], Dict[str, float]]:
+        cfg = self.cfg
+        want = cfg.data.rollout_batch_size
+        kept: List[Sample] = []
+        stats = {"sampling/rounds": 0.0, "sampling/dropped_groups": 0.0}
+        all_samples: List[Sample] = []
+        for round_ in range(cfg.algorithm.dapo.max_sampling_rounds if cfg.algorithm.dapo.dynamic_sampling else 1):
+            need = want - len({s.group for s in kept})
+            if need <= 0:
+                break
+            indices = self.stream.take(need)
+            samples = self._generate(self.dataset, indices, self._sampling(seed=cfg.trainer.seed * 7919 + self.step
+                                                                            * 131 + round_))
+            all_samples += samples
+            stats["sampling/rounds"] += 1
+            if cfg.algorithm.dapo.dynamic_sampling:
+                rewards = torch.tensor([s.reward for s in samples])
+                groups = torch.tensor([s.group for s in samples])
+                keep = dapo_keep_groups(rewards, groups)
+                stats["sampling/dropped_groups"] += float(len(set(groups.tolist())) - len(set(groups[keep].tolist())))
+                samples = [s for s, k in zip(samples, keep.tolist()) if k]
+            kept += samples
+        if not kept:  # every group was uniform: train on nothing this step, but report the rollouts
+            return [], self._reward_stats(all_samples, stats)
+        return kept, self._reward_stats(all_samples, stats)
+
+    def _reward_stats(self, samples: List[Sample], stats: Dict[str, float]) -> Dict[str, float]:
+        n = max(len(samples), 1)
+        stats.update({
+            "reward/mean": sum(s.reward for s in samples) / n,
+            "reward/accuracy": sum(s.extra["accuracy"] for s in samples) / n,
+            "reward/format": sum(s.extra["format"] for s in samples) / n,
+            "response/length_mean": sum(len(s.response_ids) for s in samples) / n,
+            "response/clip_ratio": sum(s.truncated for s in samples) / n,
+        })
+        return stats
+
+    # ------------------------------------------------------------------------------------------------ training
+    def _mini_batches(self, samples: List[Sample]) -> List[List[int]]:
+        """Sample indices of each mini-batch: ``trainer.global_batch_size`` whole groups each, in group order."""
+        groups: Dict[int, List[int]] = {}
+        for i, s in enumerate(samples):
+            groups.setdefault(s.group, []).append(i)
+        order = list(groups.values())
+        size = self.cfg.trainer.global_batch_size
+        return [[i for g in order[k: k + size] for i in g] for k in range(0, len(order), size)]
+
+    def _micro_batches(self, samples: List[Sample], indices: List[int]):
+        mine = split_round_robin(indices, self.dp, self.dp_rank)
+        local = [samples[i] for i in mine]
+        return [collate(samples, [mine[j] for j in part], self.image_token_id, self.merge)
+                for part in length_bucketed_micro_batches(local, self.cfg.trainer.micro_batch_size)]
+
+    def _advantages(self, samples: List[Sample], scored) -> Tuple[Dict[int, torch.Tensor], Dict[str, float]]:
+        """Per-sample token advantages ``{index: [S_i]}`` (last stage) and visual-dependency statistics."""
+        algo = self.cfg.algorithm
+        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+        if algo.dapo.overlong_buffer > 0:
+            lengths = torch.tensor([len(s.response_ids) for s in samples])
+            rewards = rewards + overlong_soft_penalty(lengths, self.cfg.rollout.max_new_tokens,
+                                                      algo.dapo.overlong_buffer, algo.dapo.overlong_penalty_factor)
+        seq_adv = group_normalized_advantages(rewards, torch.tensor([s.group for s in samples]), eps=algo.adv_eps,
+                                              scale_by_std=algo.scale_by_std)
+        shaper = ADVANTAGE_SHAPERS.get(algo.advantage)
+        out: Dict[int, torch.Tensor] = {}
+        sums = torch.zeros(5, dtype=torch.float64)  # tokens, S, log1p S, I >= tau, sanitised
+        from ..algorithms.pgpo import normalized_importance
+        from ..algorithms.visual_dependency import sanitize_scores
+
+        for so in scored:
+            mask = torch.stack([self._response_mask(samples[i], so.logp.shape[1]) for i in so.indices])
+            adv = shaper(seq_adv[so.indices], mask, scores=so.scores, tau=algo.pgpo.tau, beta=algo.pgpo.beta,
+                         eps=algo.pgpo.eps, s_max=algo.pgpo.s_max)
+            clean, n_bad = sanitize_scores(so.scores, mask, algo.pgpo.s_max)
+            importance = normalized_importance(so.scores, mask, algo.pgpo.eps, algo.pgpo.s_max)
+            sums += torch.tensor([float(mask.sum()), float(clean[mask].sum()), float(torch.log1p(clean[mask]).sum()),
+                                  float((importance[mask] >= algo.pgpo.tau).sum()), float(n_bad)], dtype=torch.float64)
+            for row, i in enumerate(so.indices):
+                out[i] = adv[row]
+        dist.all_reduce(sums)  # only last-stage ranks contribute (each TP rank the same numbers)
+        sums /= self.tp
+        tokens = max(float(sums[0]), 1.0)
+        stats = {"vd/score_mean": float(sums[1]) / tokens, "vd/log1p_mean": float(sums[2]) / tokens,
+                 "vd/frac_above_tau": float(sums[3]) / tokens, "vd/sanitized": float(sums[4])}
+        return out, stats
+
+    @staticmethod
+    def _response_mask(sample: Sample, width: int) -> torch.Tensor:
+        mask = torch.zeros(width, dtype=torch.bool)
+        mask[len(sample.prompt_ids): sample.length] = True
+        return mask
+
+    def _train_on(self, samples: List[Sample]) -> Dict[str, float]:
+        cfg = self.cfg
+        minis = self._mini_batches(samples)
+        micro = [self._micro_batches(samples, m) for m in minis]
+        t0 = time.perf_counter()
+        scored = [self.policy.score(mbs) for mbs in micro]
+        t_score = time.perf_counter() - t0
+        flat = [so for part in scored for so in part]
+        token_adv, stats = self._advantages(samples, flat)
+        old_logp = {i: so.logp[row] for so in flat for row, i in enumerate(so.indices)}
+        entropy_sum = sum(float(so.entropy.sum()) for so in flat)
+        t1 = time.perf_counter()
+        updates: List[Dict[str, float]] = []
+        for _ in range(cfg.trainer.ppo_epochs):
+            for mini, mbs in zip(minis, micro):
+                usable = [i for i in mini if not (cfg.algorithm.dapo.overlong_filter and samples[i].truncated)]
+                extras = []
+                for mb in mbs:
+                    if cfg.algorithm.dapo.overlong_filter:
+                        for row, i in enumerate(mb.indices):
+                            if samples[i].truncated:
+                                mb.response_mask[row] = False
+                    width = mb.input_ids.shape[1]
+                    if self.is_last_stage:
+                        extras.append({"old_logp": torch.stack([old_logp[i][:width] for i in mb.indices]),
+                                       "advantages": torch.stack([token_adv[i][:width] for i in mb.indices])})
+                    else:
+                        extras.append({})
+                n_tokens = float(sum(len(samples[i].response_ids) for i in usable))
+                updates.append(self.policy.update(mbs, extras, max(n_tokens, 1.0), float(max(len(usable), 1))))
+        t_update = time.perf_counter() - t1
+        n_tok = max(sum(len(s.response_ids) for s in samples), 1)
+        summary = torch.tensor([entropy_sum] + [sum(u.get(k, 0.0) for u in updates) for k in
+                                                ("actor/loss", "actor/clip_fraction", "actor/approx_kl")],
+                               dtype=torch.float64)
+        dist.all_reduce(summary)  # last-stage ranks hold these; DP ranks each hold their share
+        n_up = max(len(updates), 1)
+        last_ranks = self.world // self.pp  # ranks on the last stage (TP ranks report the same numbers)
+        stats.update({
+            "actor/entropy": float(summary[0]) / n_tok / self.tp,
+            "actor/loss": float(summary[1]) / n_up / self.tp,
+            "actor/clip_fraction": float(summary[2]) / n_up / last_ranks,
+            "actor/approx_kl": float(summary[3]) / n_up / last_ranks,
+            "actor/grad_norm": max(u["actor/grad_norm"] for u in updates) if updates else 0.0,
+            "actor/skipped_updates": sum(u["actor/skipped_updates"] for u in updates),
+            "actor/lr": cfg.trainer.lr,
+            "time/old_logprob": t_score, "time/update": t_update,
+            "perf/tokens_per_s": n_tok * cfg.trainer.ppo_epochs / max(t_score + t_update, 1e-9),
+        })
+        return stats
+
+    # ------------------------------------------------------------------------------------------------ sync, eval
+    def _sync(self) -> float:
+        from ..rollout.weight_sync import sync_weights
+
+        t0 = time.perf_counter()
+        sync_weights(self.policy.module, self.engine, transformer_impl=self.cfg.model.transformer_impl)
+        return time.perf_counter() - t0
+
+    def evaluate(self, limit: Optional[int] = None) -> float:
+        """Greedy held-out accuracy (fraction of prompts answered correctly)."""
+        if self.val_dataset is None:
+            return float("nan")
+        count = len(self.val_dataset) if limit is None else min(limit, len(self.val_dataset))
+        samples = self._generate(self.val_dataset, list(range(count)), self._sampling(greedy=True, seed=0))
+        return sum(s.extra["accuracy"] for s in samples) / max(len(samples), 1)
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        from .checkpoint import save_training_state
+        from .run_dir import atomic_save
+
+        state = {"step": self.step, "stream_position": self.stream.position}
+        return atomic_save(str(self.run_dir), self.step, lambda d: save_training_state(self.policy, d, state),
+                           keep_last=self.cfg.checkpoint.keep_last, is_writer=self.rank == 0, barrier=dist.barrier)
+
+    def maybe_resume(self) -> bool:
+        from .checkpoint import load_training_state
+        from .run_dir import latest_checkpoint
+
+        found = latest_checkpoint(str(self.run_dir)) if self.cfg.checkpoint.resume else None
+        found_any = [found is not None]
+        dist.broadcast_object_list(found_any, src=0)
+        if not found_any[0]:
+            return False
+        paths = [str(found) if found else None]
+        dist.broadcast_object_list(paths, src=0)
+        state = load_training_state(self.policy, Path(paths[0]))
+        self.step, self.stream.position = state["step"], state["stream_position"]
+        self._sync()  # the engines started from the initial weights
+        return True
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def run(self) -> Dict[str, float]:
+        from .metrics import MetricsLogger
+        from .progress import StepProgress
+        from .run_dir import PreemptionHandler
+
+        cfg = self.cfg
+        resumed = self.maybe_resume()
+        if self.rank == 0:
+            self.metrics = MetricsLogger(str(self.run_dir), tensorboard=cfg.logging.tensorboard,
+                                         wandb=cfg.logging.wandb, wandb_mode=cfg.logging.wandb_mode,
+                                         wandb_project=cfg.logging.wandb_project, config=to_dict(cfg),
+                                         resume_step=self.step if resumed else 0)
+        preempt = PreemptionHandler(enabled=cfg.checkpoint.save_on_signal)
+        progress = StepProgress(cfg.trainer.total_steps, self.step, enabled=self.rank == 0 and cfg.logging.console)
+        last: Dict[str, float] = {}
+        try:
+            while self.step < cfg.trainer.total_steps:
+                t0 = time.perf_counter()
+                samples, stats = self._rollout_batch()
+                stats["time/rollout"] = time.perf_counter() - t0
+                if samples:
+                    stats.update(self._train_on(samples))
+                    stats["time/sync"] = self._sync()
+                self.step += 1
+                if cfg.trainer.eval_every and self.step % cfg.trainer.eval_every == 0:
+                    stats["eval/accuracy"] = self.evaluate()
+                stats["time/step"] = time.perf_counter() - t0
+                if self.metrics is not None:
+                    self.metrics.log(self.step, stats)
+                progress.update(self.step, stats)
+                last = stats
+                stop = self._agree_stop(preempt.requested is not None)
+                if (cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0) or stop:
+                    self.save()
+                if stop:
+                    log.warning("preemption signal received: saved step %d, exiting", self.step)
+                    break
+            else:
+                if not (cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0):
+                    self.save()
+        finally:
+            preempt.restore()
+            progress.close()
+            if self.metrics is not None:
+                self.metrics.close()
+        return last
+
+    def _agree_stop(self, local: bool) -> bool:
+        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def export_hf(self, out_dir: Path) -> Optional[Path]:
+        from ..rollout.weight_sync import save_hf_checkpoint
+
+        return save_hf_checkpoint(self.policy.module, out_dir, source_dir=self.cfg.model.hf_path,
+                                  transformer_impl=self.cfg.model.transformer_impl)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+        if self.scorer is not None:
+            self.scorer.close()

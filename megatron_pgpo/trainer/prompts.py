@@ -1,0 +1,82 @@
+"""Prompt side of a step: the deterministic prompt stream (resumable), the chat messages, and the image inputs
+the training passes need for each prompt.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+
+#: Appended to every question: the format the 0.1 format reward checks.
+INSTRUCTION = "Think inside <think> </think> , then give the final answer in \\boxed{} ."
+
+
+def messages_for(question: str) -> List[Dict[str, Any]]:
+    """One user turn with the image first, then the question and the answer-format instruction."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"{question} {INSTRUCTION}"}]}]
+
+
+@dataclass
+class PromptStream:
+    """An endless, reshuffled-per-epoch stream of dataset indices; ``position`` makes it resumable exactly.
+
+    Epoch ``e`` visits ``range(size)`` in the order of ``random.Random(seed * 100003 + e).shuffle``.
+    """
+
+    size: int
+    seed: int
+    shuffle: bool = True
+    position: int = 0
+
+    def _order(self, epoch: int) -> List[int]:
+        order = list(range(self.size))
+        if self.shuffle:
+            random.Random(self.seed * 100003 + epoch).shuffle(order)
+        return order
+
+    def take(self, count: int) -> List[int]:
+        out = []
+        while len(out) < count:
+            epoch, offset = divmod(self.position, self.size)
+            order = self._order(epoch)
+            chunk = order[offset: offset + count - len(out)]
+            out.extend(chunk)
+            self.position += len(chunk)
+        return out
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.size
+
+
+class ImageEncoder:
+    """The checkpoint's image processor: PIL image -> (pixel_values [patches, C*T*P*P], grid_thw [1, 3]).
+
+    The same preprocessing vLLM applies, so the number of image tokens matches the engine's prompt ids (checked
+    by the trainer for every prompt).
+    """
+
+    def __init__(self, model_path: str):
+        from transformers import AutoImageProcessor
+
+        self.processor = AutoImageProcessor.from_pretrained(model_path)
+        self.merge = getattr(self.processor, "merge_size", 2)
+        self._cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, key: int, image) -> Tuple[torch.Tensor, torch.Tensor]:
+        if key not in self._cache:
+            out = self.processor(images=[image], return_tensors="pt")
+            self._cache[key] = (out["pixel_values"].float(), out["image_grid_thw"].long())
+            if len(self._cache) > 4096:
+                self._cache.pop(next(iter(self._cache)))
+        return self._cache[key]
+
+    def num_tokens(self, grid: torch.Tensor) -> int:
+        return int(grid.prod()) // (self.merge * self.merge)
+
+
+def split_round_robin(items: Sequence, parts: int, index: int) -> List:
+    """Items ``index, index + parts, ...``: this DP rank's share."""
+    return list(items[index::parts])
