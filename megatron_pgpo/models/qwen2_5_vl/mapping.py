@@ -27,12 +27,14 @@ class ParamMapping:
     """One Megatron tensor and the HF tensors it is made of.
 
     ``kind`` says how it is fused and sharded: ``qkv``, ``fc1``, ``row`` (split dim 1), ``vocab`` (dim 0, padded),
-    ``replicated``.
+    ``replicated``. ``export`` is False for a copy that must not be written back (the last pipeline stage's
+    output layer when embeddings are tied: HF stores that tensor once, as the embedding).
     """
 
     mcore: str
     hf: Tuple[str, ...]
     kind: str
+    export: bool = True
 
 
 def layer_mappings(i: int, mcore_i: int, transformer_impl: str = "local") -> List[ParamMapping]:
@@ -76,6 +78,11 @@ def param_mappings(dims: TextDims, vision_names: Sequence[str], pp_rank: int = 0
                                 "replicated"))
         if not dims.tie_word_embeddings:
             out.append(ParamMapping("language_model.output_layer.weight", ("lm_head.weight",), "vocab"))
+        elif not first:
+            # Tied embeddings across pipeline stages: Megatron keeps a second copy on the last stage (kept in sync
+            # through the embedding group); it is loaded from the embedding and never exported.
+            out.append(ParamMapping("language_model.output_layer.weight", ("model.embed_tokens.weight",), "vocab",
+                                    export=False))
     return out
 
 
