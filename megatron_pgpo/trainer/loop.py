@@ -109,25 +109,34 @@ class Trainer:
 
         mine = split_round_robin(indices, self.dp, self.dp_rank)
         local: List[dict] = []
-        if self.owner and mine:
-            examples = [dataset[i] for i in mine]
-            outputs = self.engine.generate([RolloutRequest(messages_for(e.question), e.image) for e in examples],
-                                           sampling)
-            results = self.scorer.score_batch([o.text for o in outputs],
-                                              [examples[o.request_index].answer for o in outputs])
-            for o, res in zip(outputs, results):
-                local.append(dict(prompt_index=mine[o.request_index], prompt_ids=o.prompt_token_ids,
-                                  response_ids=o.response_token_ids, logprobs=o.logprobs,
-                                  truncated=o.finish_reason == "length", reward=res.score, accuracy=res.accuracy,
-                                  format=res.format, text=o.text))
-        gathered: List[Optional[List[dict]]] = [None] * self.world
-        dist.all_gather_object(gathered, local)
+        error: Optional[str] = None
+        try:
+            if self.owner and mine:
+                examples = [dataset[i] for i in mine]
+                outputs = self.engine.generate(
+                    [RolloutRequest(messages_for(e.question), e.image) for e in examples], sampling)
+                results = self.scorer.score_batch([o.text for o in outputs],
+                                                  [examples[o.request_index].answer for o in outputs])
+                for o, res in zip(outputs, results):
+                    local.append(dict(prompt_index=mine[o.request_index], prompt_ids=o.prompt_token_ids,
+                                      response_ids=o.response_token_ids, logprobs=o.logprobs,
+                                      truncated=o.finish_reason == "length", reward=res.score,
+                                      accuracy=res.accuracy, format=res.format, text=o.text))
+        except Exception as exc:  # noqa: BLE001 - every rank must learn of it, not wait in the gather below
+            log.exception("rollout failed on rank %d", self.rank)
+            error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
+        gathered: List[Optional[tuple]] = [None] * self.world
+        dist.all_gather_object(gathered, (local, error))
+        errors = [e for _, e in gathered if e]
+        if errors:
+            raise RuntimeError("rollout failed: " + "; ".join(errors))
+        gathered = [part for part, _ in gathered]
         records = sorted((r for part in gathered if part for r in part),
                          key=lambda r: indices.index(r["prompt_index"]))  # stable: sample order kept
         samples = []
         for rec in records:
             example = dataset[rec["prompt_index"]]
-            pixels, grid = self.images(rec["prompt_index"], example.image)
+            pixels, grid = self.images((id(dataset), rec["prompt_index"]), example.image)
             n_slots = sum(1 for t in rec["prompt_ids"] if t == self.image_token_id)
             if n_slots != self.images.num_tokens(grid):
                 raise RuntimeError(f"the engine's prompt has {n_slots} image tokens but the image processor gives "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, Hashable, List, Sequence, Tuple
 
 import torch
 
@@ -63,9 +63,9 @@ class ImageEncoder:
 
         self.processor = AutoImageProcessor.from_pretrained(model_path)
         self.merge = getattr(self.processor, "merge_size", 2)
-        self._cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: Dict[Hashable, Tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, key: int, image) -> Tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, key: Hashable, image) -> Tuple[torch.Tensor, torch.Tensor]:
         if key not in self._cache:
             out = self.processor(images=[image], return_tensors="pt")
             self._cache[key] = (out["pixel_values"].float(), out["image_grid_thw"].long())
