@@ -1,8 +1,13 @@
 """The `megatron-pgpo` command line. Each subcommand is a thin layer over a library function.
 
     megatron-pgpo demo [CONFIG.yaml] [section.key=value ...]
+    megatron-pgpo train CONFIG.yaml [section.key=value ...] [--nproc N]
+    megatron-pgpo walkthrough [CONFIG.yaml] [section.key=value ...]
     megatron-pgpo config [CONFIG.yaml] [section.key=value ...] [--describe] [--list-algorithms]
     megatron-pgpo reward RESPONSES.jsonl [--out SCORED.jsonl] [section.key=value ...]
+    megatron-pgpo convert hf-to-mcore|mcore-to-hf SRC DST [options]
+    megatron-pgpo check-parity --hf-path DIR [--tp N] [--pp M] [--image FILE] [--tolerance 1e-4]
+    megatron-pgpo check-sync --hf-path DIR --tp N [--pp M]
 
 Heavy imports (torch, megatron, vLLM) happen inside the subcommand that needs them, so `--help` is instant.
 """
@@ -42,7 +47,36 @@ def _load(items: Sequence[str]):
         raise SystemExit(f"config error: {exc}") from None
 
 
+#: What `megatron-pgpo demo` runs when given no config file: the defaults (tiny model, built-in task) with the
+#: settings PGPO_SPEC.md section 6 measured to learn on CPU (TP=2, 4 updates per rollout batch, clip 0.2); the
+#: same as examples/tiny_cpu.yaml (a test keeps them equal).
+DEMO_OVERRIDES = ["parallel.tensor_model_parallel_size=2", "trainer.global_batch_size=4", "algorithm.clip_high=0.2"]
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo_run import run_training_demo
+
+    items = list(args.config)
+    if not items or "=" in items[0]:
+        items = DEMO_OVERRIDES + items
+    cfg = _load(items)
+    summary = run_training_demo(cfg)
+    return 0 if summary.get("step") else 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .trainer.launch import launch
+
+    cfg = _load(args.config)
+    if cfg.model.hf_path is None:
+        raise SystemExit("config error: model.hf_path is not set; point it at a Hugging Face Qwen2.5-VL checkpoint "
+                         "directory (weights, tokenizer, preprocessor config), or use `megatron-pgpo demo` for the "
+                         "built-in tiny model")
+    launch(cfg, nproc=args.nproc)
+    return 0
+
+
+def cmd_walkthrough(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(_load(args.config))
@@ -85,6 +119,18 @@ def cmd_reward(args: argparse.Namespace) -> int:
                        answer_key=args.answer_key)
 
 
+def cmd_check_sync(args: argparse.Namespace) -> int:
+    from .rollout.check_sync import run_check
+
+    return run_check(args)
+
+
+def cmd_check_parity(args: argparse.Namespace) -> int:
+    from .models.qwen2_5_vl.parity import check_parity_command
+
+    return check_parity_command(args.hf_path, args.tp, args.pp, args.image, args.tolerance, args.reference_path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-pgpo",
@@ -97,14 +143,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="run PGPO's algorithm core on a batch of synthetic rollouts and show the per-token weights",
+        help="train a tiny Qwen2.5-VL with PGPO on the built-in visual task, on CPU (the README's main command)",
+        description="Builds a tiny Qwen2.5-VL-architecture checkpoint with a word-level vocabulary, warms it up on "
+        "the answer format, then trains it with PGPO on the built-in 'colour of the square' task: Megatron-Core "
+        "TP=2 on two CPU processes with vLLM rollouts. Prints held-out accuracy before and after RL and where the "
+        "metrics, checkpoints and HF export are. Without a config file: the defaults at TP=2. Running it again "
+        "resumes from the last checkpoint in trainer.run_dir.",
+        epilog=EPILOG_OVERRIDES,
+    )
+    p.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [KEY=VALUE ...]")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "train",
+        help="train with PGPO / DAPO / GRPO (local processes, or one rank under torchrun/srun)",
+        description="Runs the distributed training loop on model.hf_path. Under torchrun or srun (RANK and "
+        "WORLD_SIZE set) this process is one rank; otherwise --nproc local processes are started (default "
+        "TP x PP; more give data parallelism). Resumes from the latest checkpoint in trainer.run_dir.",
+        epilog=EPILOG_OVERRIDES,
+    )
+    p.add_argument("config", nargs="*", metavar="CONFIG.yaml [KEY=VALUE ...]")
+    p.add_argument("--nproc", type=int, default=None, help="local processes to start (default: TP x PP)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "walkthrough",
+        help="show PGPO's algorithm core on a batch of synthetic rollouts, token by token (seconds, no model)",
         description="Scores a built-in batch of responses with the real reward function, computes group "
         "advantages, k3 visual dependency from synthetic image/text-only log-probs, PGPO token weights and "
         "the clipped loss, and prints each token coloured by its weight.",
         epilog=EPILOG_OVERRIDES,
     )
     p.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [KEY=VALUE ...]")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_walkthrough)
 
     p = sub.add_parser(
         "config",
@@ -132,6 +203,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--response-key", default="response", help="field holding the response text (default: response)")
     p.add_argument("--answer-key", default="answer", help="field holding the ground truth (default: answer)")
     p.set_defaults(func=cmd_reward)
+
+    from .convert_cli import add_convert_subcommands  # argparse only; no torch import
+
+    p = sub.add_parser(
+        "convert",
+        help="convert a Qwen2.5-VL checkpoint between Hugging Face and Megatron-Core distributed formats",
+        description="hf-to-mcore: HF safetensors -> Megatron-Core dist checkpoint (loads at any TP/PP); "
+        "mcore-to-hf: back to sharded HF safetensors. Both stream (bounded memory) and check names and shapes "
+        "before reading weights. `megatron-pgpo convert DIRECTION --help` for the options.",
+    )
+    add_convert_subcommands(p)  # each direction sets func
+
+    p = sub.add_parser(
+        "check-sync",
+        help="check that a Megatron -> vLLM weight sync reproduces transformers' greedy output exactly",
+        description="Loads the checkpoint into Megatron (TP x PP CPU processes), perturbs the weights, syncs them into "
+        "vLLM, exports them to HF and compares vLLM fp32 greedy output with transformers generate: PASS/FAIL.",
+    )
+    from .rollout.check_sync import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_check_sync)
+
+    p = sub.add_parser(
+        "check-parity",
+        help="compare the Megatron model's logits with transformers on an HF checkpoint at a TP/PP layout",
+        description="Starts TP x PP local CPU processes (gloo), loads the HF Qwen2.5-VL checkpoint into the Megatron "
+        "model, runs a prompt with an image and the text-only pass, runs transformers on the same inputs and "
+        "prints the max abs logit difference of each pass with PASS/FAIL. Exit code 0 when all pass.",
+    )
+    p.add_argument("--hf-path", required=True, help="Hugging Face Qwen2.5-VL checkpoint directory")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    p.add_argument("--image", help="image file for the prompt (default: a synthetic test pattern)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference (default 1e-4)")
+    p.add_argument("--reference-path", help="checkpoint transformers reads (default: --hf-path), e.g. the original "
+                   "when --hf-path is a converted copy")
+    p.set_defaults(func=cmd_check_parity)
     return parser
 
 

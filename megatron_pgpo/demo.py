@@ -1,11 +1,10 @@
-"""`megatron-pgpo demo`: PGPO's algorithm core on a batch of synthetic rollouts, shown token by token.
+"""`megatron-pgpo walkthrough`: PGPO's algorithm core on a batch of synthetic rollouts, shown token by token.
 
 What runs for real: the reward function (math-verify answer checking + format check) on the response strings,
 group-normalised advantages, the k3 visual-dependency estimator, PGPO's token weights (Eqs. 4-8) through the
 advantage-shaper registry, and the clipped policy loss. What is synthetic: the responses and the per-token
 log-probs of the image and text-only passes (answer tokens are made image-dependent, reasoning and format tokens
-not), since this demo needs no model. `megatron-pgpo demo` on the trained model replaces it when the training loop
-lands (issue "training loop end to end").
+not), since this walkthrough needs no model. `megatron-pgpo demo` trains a real (tiny) model.
 """
 from __future__ import annotations
 
@@ -86,7 +85,7 @@ def run_demo(cfg: Config, console=None) -> dict:
 
     console = console or Console()
     algo = cfg.algorithm
-    console.rule("[bold]megatron-pgpo demo: PGPO on a batch of synthetic rollouts")
+    console.rule("[bold]megatron-pgpo walkthrough: PGPO on a batch of synthetic rollouts")
     console.print(
         f"advantage shaper [bold]{algo.advantage}[/] (tau={algo.pgpo.tau}, beta={algo.pgpo.beta}), loss "
         f"[bold]{algo.loss}[/] (clip {algo.clip_low}/{algo.clip_high}, {algo.aggregation}); rewards "

