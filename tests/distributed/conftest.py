@@ -19,9 +19,10 @@ import pytest
 from harness import WorkerPool
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def workers():
-    """The session's ``WorkerPool`` (started lazily on the first ``run``, shut down at session end)."""
+    """The ``WorkerPool`` of the distributed tests (started lazily on the first ``run``, shut down after the last
+    distributed test, so idle workers do not compete with the rest of the suite for the 2 cores)."""
     pool = WorkerPool(world_size=int(os.environ.get("PGPO_DIST_WORLD", "2")))
     yield pool
     pool.shutdown()

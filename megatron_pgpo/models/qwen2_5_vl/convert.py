@@ -39,7 +39,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .hf_config import ModelConfigError, TextDims, load_hf_config, validate_parallel_layout
-from .hf_io import DEFAULT_MAX_SHARD_BYTES, CheckpointMismatch, HFCheckpointReader, HFCheckpointWriter
+from .hf_io import (DEFAULT_MAX_SHARD_BYTES, CheckpointMismatch, HFCheckpointReader, HFCheckpointWriter,
+                    mismatch_error)
 from .mapping import ParamMapping, tied_output_names, to_hf as mapping_to_hf, to_mcore
 
 PathLike = Union[str, Path]
@@ -212,17 +213,7 @@ def check_megatron_checkpoint(ckpt_dir: PathLike, sharded_state_dict: Dict[str, 
         if not ok:
             wrong.append(f"{key}: checkpoint {found}, model expects {shape}")
     if missing or unexpected or wrong:
-        def show(items):
-            return ", ".join(items[:10]) + (f" ... ({len(items)} in all)" if len(items) > 10 else "")
-
-        parts = []
-        if missing:
-            parts.append(f"missing: {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected: {show(unexpected)}")
-        if wrong:
-            parts.append(f"wrong shape: {show(wrong)}")
-        raise CheckpointMismatch(f"{ckpt_dir} does not match the model config: " + "; ".join(parts))
+        raise mismatch_error(ckpt_dir, missing, unexpected, wrong)
 
 
 # ------------------------------------------------------------------------------------------------- metadata

@@ -21,6 +21,17 @@ class CheckpointMismatch(ValueError):
     """The checkpoint does not hold what the model needs; the message lists the key names."""
 
 
+def mismatch_error(where, missing=(), unexpected=(), wrong=()) -> CheckpointMismatch:
+    """One error listing (the first ten of) each kind of mismatch between a checkpoint and the model."""
+    def show(names):
+        names = list(names)
+        return ", ".join(names[:10]) + (f" ... ({len(names)} in all)" if len(names) > 10 else "")
+
+    parts = [f"{label}: {show(items)}" for label, items in
+             (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
+    return CheckpointMismatch(f"{where} does not match the model config: " + "; ".join(parts))
+
+
 class HFCheckpointReader:
     """Lazy name -> tensor access to an HF safetensors checkpoint directory.
 
@@ -103,15 +114,7 @@ class HFCheckpointReader:
         missing = sorted(expected - have)
         unexpected = sorted(have - expected - set(allow_extra))
         if missing or unexpected:
-            def show(names):
-                return ", ".join(names[:10]) + (f" ... ({len(names)} in all)" if len(names) > 10 else "")
-
-            parts = []
-            if missing:
-                parts.append(f"missing: {show(missing)}")
-            if unexpected:
-                parts.append(f"unexpected: {show(unexpected)}")
-            raise CheckpointMismatch(f"{self.path} does not match the model config: " + "; ".join(parts))
+            raise mismatch_error(self.path, missing, unexpected)
 
     def close(self) -> None:
         self._handles.clear()
