@@ -39,8 +39,13 @@ def run_training_demo(cfg: Config) -> dict:
     summary = launch(cfg)
     console.rule("[bold]3/3 result")
     before, after = summary.get("accuracy_before"), summary.get("accuracy_after")
+    chance = ""
+    if cfg.data.train_path is None:
+        from .data.synthetic import answer_vocabulary
+
+        chance = f"  (chance on '{cfg.data.task}': {1 / len(answer_vocabulary(cfg.data.task)):.2f})"
     if before is not None:
-        console.print(f"held-out accuracy before RL: [bold]{before:.2f}[/]  (chance on '{cfg.data.task}': see the task)")
+        console.print(f"held-out accuracy before RL: [bold]{before:.2f}[/]{chance}")
     if after is not None:
         console.print(f"held-out accuracy after RL:  [bold green]{after:.2f}[/]")
     console.print(f"metrics:     {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})")
