@@ -65,14 +65,18 @@ def last_boxed_answer(text: str) -> str | None:
     answers = extract_boxed_answers(text)
     if not answers:
         return None
-    answer = answers[-1].strip()
     # Unwrap a box that is the whole content (a box inside a box).
+    return _strip_enclosing(answers[-1].strip(), _BOX_COMMANDS)
+
+
+def _strip_enclosing(s: str, commands) -> str:
+    """Strip up to ``_MAX_UNWRAP`` layers of ``\\command{...}`` that enclose the whole of ``s``."""
     for _ in range(_MAX_UNWRAP):
-        inner = _strip_group(answer, _BOX_COMMANDS)
+        inner = _strip_group(s, commands)
         if inner is None:
             break
-        answer = inner.strip()
-    return answer
+        s = inner.strip()
+    return s
 
 
 def _match_brace(s: str, open_idx: int) -> int:
@@ -124,12 +128,7 @@ def _unwrap(s: str) -> str:
     s = s.strip()
     if len(s) >= 2 and s[0] == "$" and s[-1] == "$" and "$" not in s[1:-1]:
         s = s[1:-1].strip()
-    for _ in range(_MAX_UNWRAP):
-        inner = _strip_group(s, _WRAPPERS)
-        if inner is None:
-            break
-        s = inner.strip()
-    return s
+    return _strip_enclosing(s, _WRAPPERS)
 
 
 def normalize_choice(s: str) -> str | None:
