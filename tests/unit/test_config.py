@@ -103,3 +103,14 @@ def test_demo_defaults_equal_the_example_config():
     from megatron_pgpo.cli import DEMO_OVERRIDES
 
     assert load_config(None, DEMO_OVERRIDES) == load_config(str(EXAMPLES / "tiny_cpu.yaml"))
+
+
+@pytest.mark.parametrize("size", ["3b", "7b", "32b", "72b"])
+def test_paper_example_layouts_shard_the_published_models(size):
+    import megatron_pgpo.models.qwen2_5_vl  # noqa: F401  (torchvision shim before transformers)
+    from megatron_pgpo.models.qwen2_5_vl.hf_config import TextDims, load_hf_config, validate_parallel_layout
+
+    cfg = load_config(str(EXAMPLES / f"qwen2_5_vl_{size}_pgpo.yaml"))
+    dims = TextDims.from_hf(load_hf_config(str(EXAMPLES / "hf_configs" / f"qwen2_5_vl_{size}.json")))
+    validate_parallel_layout(dims, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
+    assert cfg.data.rollout_batch_size == 384 and cfg.rollout.n == 5 and cfg.trainer.lr == 1e-6
