@@ -65,9 +65,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .trainer.launch import launch
+    from .config import ConfigError
+    from .trainer.launch import check_supported, launch
 
     cfg = _load(args.config)
+    try:
+        check_supported(cfg)
+    except ConfigError as exc:
+        raise SystemExit(f"config error: {exc}") from None
     if cfg.model.hf_path is None:
         raise SystemExit("config error: model.hf_path is not set; point it at a Hugging Face Qwen2.5-VL checkpoint "
                          "directory (weights, tokenizer, preprocessor config), or use `megatron-pgpo demo` for the "

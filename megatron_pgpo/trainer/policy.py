@@ -83,13 +83,6 @@ def update_loss_func(mb: ModelBatch, extras: Dict[str, torch.Tensor], output: to
     logp = shifted_logprobs(output, mb.input_ids, vocab_size)
     loss, metrics = POLICY_LOSSES.get(loss_name)(logp, extras["old_logp"], extras["advantages"], mb.response_mask,
                                                  **loss_kwargs)
-    if "ref_logp" in extras and extras.get("kl_coef", 0.0):
-        from ..algorithms.losses import aggregate_loss, reference_kl
-
-        kl = reference_kl(logp, extras["ref_logp"], extras["kl_estimator"])
-        loss = loss + extras["kl_coef"] * aggregate_loss(kl, mb.response_mask, loss_kwargs.get("aggregation",
-                                                         "token-mean"), loss_kwargs.get("global_num_tokens"),
-                                                         loss_kwargs.get("global_num_seqs"))
     reported = {k: v.detach() for k, v in metrics.items()}
     reported["loss"] = loss.detach()
     reported["tokens"] = torch.tensor(float(mb.num_response_tokens))

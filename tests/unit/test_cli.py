@@ -73,3 +73,8 @@ def test_reward_command_reports_bad_lines(tmp_path):
 def test_train_without_a_checkpoint_says_what_to_do():
     proc = run("train", "trainer.total_steps=1", check=False)
     assert proc.returncode != 0 and "model.hf_path is not set" in proc.stderr
+
+
+def test_train_refuses_options_the_loop_does_not_implement():
+    proc = run("train", "model.hf_path=/nonexistent", "algorithm.kl.coef=0.01", check=False)
+    assert proc.returncode != 0 and "algorithm.kl.coef > 0" in proc.stderr
