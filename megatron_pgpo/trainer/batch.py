@@ -64,10 +64,14 @@ class ModelBatch:
 
 
 def collate(samples: Sequence[Sample], indices: Sequence[int], image_token_id: int, spatial_merge_size: int,
-            pad_token_id: int = 0) -> ModelBatch:
-    """Pad and stack ``samples`` (in ``indices`` order) into a ``ModelBatch``."""
+            pad_token_id: int = 0, pad_to_multiple_of: int = 1) -> ModelBatch:
+    """Pad and stack ``samples`` (in ``indices`` order) into a ``ModelBatch``.
+
+    ``pad_to_multiple_of``: the width is rounded up to a multiple of it (sequence parallelism splits the sequence
+    over the TP ranks, so it must divide by TP).
+    """
     chosen = [samples[i] for i in indices]
-    width = max(s.length for s in chosen)
+    width = -(-max(s.length for s in chosen) // pad_to_multiple_of) * pad_to_multiple_of
     batch = len(chosen)
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     attention = torch.zeros((batch, width), dtype=torch.bool)

@@ -198,7 +198,8 @@ class Trainer:
     def _micro_batches(self, samples: List[Sample], indices: List[int]):
         mine = split_round_robin(indices, self.dp, self.dp_rank)
         local = [samples[i] for i in mine]
-        return [collate(samples, [mine[j] for j in part], self.image_token_id, self.merge)
+        multiple = self.tp if self.cfg.parallel.sequence_parallel else 1
+        return [collate(samples, [mine[j] for j in part], self.image_token_id, self.merge, pad_to_multiple_of=multiple)
                 for part in length_bucketed_micro_batches(local, self.cfg.trainer.micro_batch_size)]
 
     def _advantages(self, samples: List[Sample], scored) -> Tuple[Dict[int, torch.Tensor], Dict[str, float]]:

@@ -28,7 +28,7 @@ def _samples(seed=0):
     return out
 
 
-def _update_grads_vs_reference(hf_path, tp, aggregation):
+def _update_grads_vs_reference(hf_path, tp, aggregation, sp=False):
     import torch
     from megatron.core import parallel_state as ps
 
@@ -40,34 +40,45 @@ def _update_grads_vs_reference(hf_path, tp, aggregation):
     from megatron_pgpo.trainer.batch import collate, length_bucketed_micro_batches
     from megatron_pgpo.trainer.policy import MegatronPolicy, shifted_logprobs, update_loss_func
 
-    model = build_model(hf_path, tp=tp)
+    # The reference never uses sequence parallelism; the model under test may (same weights, same names).
+    ref = build_model(hf_path, tp=tp)
+    load_hf_into_model(ref, hf_path, ps.get_tensor_model_parallel_rank(), tp)
+    model = build_model(hf_path, tp=tp, sequence_parallel=sp)
     load_hf_into_model(model, hf_path, ps.get_tensor_model_parallel_rank(), tp)
+    multiple = tp if sp else 1
     samples = _samples()
-    full = collate(samples, list(range(N_SAMPLES)), IMAGE_TOKEN_ID, 2)
+    full = collate(samples, list(range(N_SAMPLES)), IMAGE_TOKEN_ID, 2, pad_to_multiple_of=multiple)
     gen = torch.Generator().manual_seed(1)
     advantages = torch.randn(N_SAMPLES, generator=gen)
     noise = 0.2 * torch.randn(full.input_ids.shape, generator=gen)
 
     # Reference: one autograd call on the whole batch (autograd.grad, so DDP's hooks are not involved).
-    logits = model(full.input_ids, full.position_ids, pixel_values=full.pixel_values,
-                   image_grid_thw=full.image_grid_thw, image_mask=full.image_mask)
-    logp = shifted_logprobs(logits, full.input_ids, model.vocab_size)
+    logits = ref(full.input_ids, full.position_ids, pixel_values=full.pixel_values,
+                 image_grid_thw=full.image_grid_thw, image_mask=full.image_mask)
+    logp = shifted_logprobs(logits, full.input_ids, ref.vocab_size)
     old_logp = (logp.detach() + noise) * full.response_mask
     token_adv = advantages[:, None] * full.response_mask
     ref_loss, _ = clipped_policy_loss(logp, old_logp, token_adv, full.response_mask, aggregation=aggregation)
+    ref_params = dict(ref.named_parameters())
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    ref_grads = torch.autograd.grad(ref_loss, [p for _, p in params], allow_unused=True)
+    ref_grads = torch.autograd.grad(ref_loss, [ref_params[n] for n, _ in params], allow_unused=True)
 
     # The distributed optimizer reduce-scatters: each DP rank holds the reduced gradient of its shard only.
     # All-reduce here so every rank's full gradient can be compared (the distributed path is tested below).
     cfg = load_config(None, [f"parallel.tensor_model_parallel_size={tp}", f"algorithm.aggregation={aggregation}",
-                             "parallel.use_distributed_optimizer=false"])
+                             "parallel.use_distributed_optimizer=false", f"parallel.sequence_parallel={str(sp).lower()}"])
     policy = MegatronPolicy(model, cfg)
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     mine = list(range(dp_rank, N_SAMPLES, dp))
     local = [samples[i] for i in mine]
-    micro = [collate(samples, [mine[j] for j in idx], IMAGE_TOKEN_ID, 2)
+    micro = [collate(samples, [mine[j] for j in idx], IMAGE_TOKEN_ID, 2, pad_to_multiple_of=multiple)
              for idx in length_bucketed_micro_batches(local, 2)]
+    # The scoring pass (image and text-only rows stacked) gives the reference's log-probs on response tokens.
+    logp_err = 0.0
+    for out in policy.score(micro):
+        for row, i in enumerate(out.indices):
+            mask = full.response_mask[i][: out.logp.shape[1]]
+            logp_err = max(logp_err, float((out.logp[row][mask] - logp[i][: out.logp.shape[1]][mask]).abs().max()))
     extras = [{"old_logp": old_logp[mb.indices][:, : mb.input_ids.shape[1]],
                "advantages": token_adv[mb.indices][:, : mb.input_ids.shape[1]]} for mb in micro]
     policy.model.zero_grad_buffer()
@@ -83,16 +94,19 @@ def _update_grads_vs_reference(hf_path, tp, aggregation):
     total_loss = sum(float(r["loss"]) for r in reported)
     scale = max(float(g.abs().max()) for g in ref_grads if g is not None)
     return {"max_diff": max(diffs.values()), "n": len(diffs), "loss": total_loss, "ref_loss": float(ref_loss),
-            "grad_scale": scale}
+            "grad_scale": scale, "logp_err": logp_err}
 
 
-@pytest.mark.parametrize("tp, aggregation", [(1, "token-mean"), (1, "seq-mean-token-mean"), (2, "token-mean")])
-def test_megatron_update_gradients_equal_whole_batch_reference(workers, tiny_hf_checkpoint, tp, aggregation):
-    results = workers.run(_update_grads_vs_reference, str(tiny_hf_checkpoint), tp, aggregation, tp=tp)
+@pytest.mark.parametrize("tp, aggregation, sp", [(1, "token-mean", False), (1, "seq-mean-token-mean", False),
+                                                 (2, "token-mean", False), (2, "token-mean", True)])
+def test_megatron_update_gradients_equal_whole_batch_reference(workers, tiny_hf_checkpoint, tp, aggregation, sp):
+    """DP=2 (tp=1) and TP=2 with sequence parallelism off and on, against one process's whole-batch autograd."""
+    results = workers.run(_update_grads_vs_reference, str(tiny_hf_checkpoint), tp, aggregation, sp, tp=tp)
     for r in results:
         assert r["n"] > 40  # language and vision parameters all received gradients
         assert r["grad_scale"] > 1e-3
         assert r["max_diff"] < 1e-5, r
+        assert r["logp_err"] < 1e-5, r
     if tp == 1:  # DP=2: each rank's loss is its share of the global token mean
         assert sum(r["loss"] for r in results) == pytest.approx(results[0]["ref_loss"], abs=1e-5)
     else:
@@ -285,3 +299,45 @@ def test_checkpoint_resume_is_bit_identical(workers, tiny_hf_checkpoint, tmp_pat
     for r in results:
         assert r["step"] == 1 and r["rng_ok"]
         assert r["diff"] == 0.0, r
+
+
+def _repeated_updates(hf_path, tp, sp):
+    """Five updates on one fixed batch (a small lr keeps the ratios inside the clip range, where the clipped
+    surrogate is not flat): the loss must go down at every step."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from megatron_pgpo.config import load_config
+    from megatron_pgpo.models.qwen2_5_vl.loading import load_hf_into_model
+    from megatron_pgpo.models.qwen2_5_vl.model import build_model
+    from megatron_pgpo.models.qwen2_5_vl.tiny import IMAGE_TOKEN_ID
+    from megatron_pgpo.trainer.batch import collate, length_bucketed_micro_batches
+    from megatron_pgpo.trainer.policy import MegatronPolicy
+
+    model = build_model(hf_path, tp=tp, sequence_parallel=sp)
+    load_hf_into_model(model, hf_path, ps.get_tensor_model_parallel_rank(), tp)
+    cfg = load_config(None, [f"parallel.tensor_model_parallel_size={tp}", f"parallel.sequence_parallel={str(sp).lower()}",
+                             "trainer.lr=1e-4"])
+    policy = MegatronPolicy(model, cfg)
+    samples = _samples()
+    micro = [collate(samples, idx, IMAGE_TOKEN_ID, 2, pad_to_multiple_of=tp if sp else 1)
+             for idx in length_bucketed_micro_batches(samples, 4)]
+    old = {i: out.logp[row] for out in policy.score(micro) for row, i in enumerate(out.indices)}
+    adv = torch.randn(N_SAMPLES, generator=torch.Generator().manual_seed(3))
+    extras = [{"old_logp": torch.stack([old[i] for i in mb.indices]),
+               "advantages": adv[mb.indices][:, None] * mb.response_mask} for mb in micro]
+    total = float(sum(len(s.response_ids) for s in samples))
+    losses = [policy.update(micro, extras, total, float(N_SAMPLES))["actor/loss"] for _ in range(5)]
+    # First update: ratio 1 everywhere, so the token-mean loss is minus the token-weighted mean advantage.
+    first = -sum(float(adv[i]) * len(s.response_ids) for i, s in enumerate(samples)) / total
+    return losses, first
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_loss_decreases_over_repeated_updates_on_a_fixed_batch(workers, tiny_hf_checkpoint, sp):
+    results = workers.run(_repeated_updates, str(tiny_hf_checkpoint), 2, sp, tp=2)
+    losses, first = results[0]
+    assert results[1][0] == pytest.approx(losses, abs=1e-6)  # TP ranks agree
+    assert losses[0] == pytest.approx(first, abs=1e-5)
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < losses[0] - 1e-3, losses

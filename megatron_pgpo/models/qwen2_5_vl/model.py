@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .hf_config import TextDims, load_hf_config, padded_vocab_size, to_transformer_config
-from .specs import get_layer_spec
+from .specs import get_block_spec
 
 
 class Qwen2_5_VLMegatronModel(nn.Module):
@@ -58,7 +58,7 @@ class Qwen2_5_VLMegatronModel(nn.Module):
         self.vision_model = self._build_vision_tower() if pre_process else None
         self.language_model = GPTModel(
             config=transformer_config,
-            transformer_layer_spec=get_layer_spec(transformer_impl),
+            transformer_layer_spec=get_block_spec(transformer_impl, transformer_config, vp_stage),
             vocab_size=self.padded_vocab_size,
             max_sequence_length=getattr(self.hf_config.text_config, "max_position_embeddings", 32768),
             pre_process=pre_process,

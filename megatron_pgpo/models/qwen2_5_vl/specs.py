@@ -6,6 +6,8 @@ raises RuntimeError/OSError rather than ImportError, so both are turned into one
 """
 from __future__ import annotations
 
+import torch
+
 
 class TransformerEngineUnavailable(RuntimeError):
     """The TE layer spec was requested where Transformer Engine cannot be imported."""
@@ -18,6 +20,32 @@ def transformer_engine_available() -> bool:
     except Exception:  # ImportError, or RuntimeError/OSError without a driver
         return False
     return True
+
+
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` for the local spec that also works under sequence parallelism.
+
+    Megatron's ``WrappedTorchNorm`` refuses ``sequence_parallel``. Under sequence parallelism each TP rank
+    normalises its own slice ``[S/TP, B, H]`` of the sequence, so the weight's gradient on a rank is partial;
+    tagging the weight ``sequence_parallel=True`` makes Megatron's ``finalize_model_grads`` sum it over the TP
+    group (what TE/Apex norms do). Without sequence parallelism it is plain RMSNorm.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+
+def get_block_spec(transformer_impl: str, config, vp_stage=None):
+    """What ``GPTModel`` takes as ``transformer_layer_spec``: the layer spec, and for the local spec a block spec
+    (this stage's layers plus a final norm that supports sequence parallelism)."""
+    layer = get_layer_spec(transformer_impl)
+    if transformer_impl != "local":
+        return layer
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=SequenceParallelRMSNorm)
 
 
 def get_layer_spec(transformer_impl: str = "local"):
@@ -33,7 +61,10 @@ def get_layer_spec(transformer_impl: str = "local"):
     )
 
     if transformer_impl == "local":
-        return get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec.submodules.input_layernorm = SequenceParallelRMSNorm
+        spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+        return spec
     if transformer_impl == "transformer_engine":
         if not transformer_engine_available():
             raise TransformerEngineUnavailable(
