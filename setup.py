@@ -33,6 +33,7 @@ CPU = [
     "pillow>=10",
     "wandb==0.31.0",
     "tensorboard==2.21.0",
+    "matplotlib==3.11.2",  # `megatron-pgpo visualize` PNG (not a dependency of anything above)
 ]
 
 GPU = [
@@ -45,6 +46,7 @@ GPU = [
     "pillow>=10",
     "wandb>=0.20",
     "tensorboard>=2.15",
+    "matplotlib>=3.8",
 ]
 
 LAUNCH = [

@@ -8,6 +8,7 @@
     megatron-pgpo convert hf-to-mcore|mcore-to-hf SRC DST [options]
     megatron-pgpo check-parity --hf-path DIR [--tp N] [--pp M] [--image FILE] [--tolerance 1e-4]
     megatron-pgpo check-sync --hf-path DIR --tp N [--pp M]
+    megatron-pgpo visualize RUN_DIR [--step N ... | --last | --all] [--out DIR] [--max-responses 24]
 
 Heavy imports (torch, megatron, vLLM) happen inside the subcommand that needs them, so `--help` is instant.
 """
@@ -136,6 +137,15 @@ def cmd_check_parity(args: argparse.Namespace) -> int:
     return check_parity_command(args.hf_path, args.tp, args.pp, args.image, args.tolerance, args.reference_path)
 
 
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from .visualize import visualize_command
+
+    if getattr(args, "config", None):
+        raise SystemExit(f"error: visualize takes no config overrides, got {' '.join(args.config)}")
+    steps = "all" if args.all else "last" if args.last else args.step
+    return visualize_command(args.run_dir, args.out, steps, args.max_responses, png=not args.no_png)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-pgpo",
@@ -246,6 +256,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-path", help="checkpoint transformers reads (default: --hf-path), e.g. the original "
                    "when --hf-path is a converted copy")
     p.set_defaults(func=cmd_check_parity)
+
+    p = sub.add_parser(
+        "visualize",
+        help="show which response tokens depend on the image (S) and their PGPO weights: an HTML page and a PNG",
+        description="Reads the per-token sample records a run writes every logging.samples_every steps "
+        "(RUN_DIR/samples/step_*.jsonl) and RUN_DIR/metrics.jsonl, and writes OUT/visual_dependency.html (a "
+        "self-contained page: responses token by token coloured by visual dependency S and by PGPO weight, the "
+        "distribution of S, mean S and accuracy over steps) and OUT/visual_dependency.png.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (trainer.run_dir)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, action="append", metavar="N",
+                       help="a step with samples (repeat for several; default: the latest)")
+    which.add_argument("--last", action="store_true", help="the latest step with samples (the default)")
+    which.add_argument("--all", action="store_true", help="every step with samples (histogram over all of them)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/visualization)")
+    p.add_argument("--max-responses", type=int, default=24, metavar="K",
+                   help="responses shown token by token (default 24); the histogram covers all")
+    p.add_argument("--no-png", action="store_true", help="write only the HTML page (no matplotlib needed)")
+    p.set_defaults(func=cmd_visualize)
     return parser
 
 
