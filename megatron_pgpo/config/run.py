@@ -129,9 +129,16 @@ class LoggingConfig(Section):
     """wandb mode; offline writes run_dir/wandb for a later `wandb sync`."""
     wandb_project: str = "megatron-pgpo"
     """wandb project name."""
+    samples_every: int = 10
+    """Every this many steps, write sample responses with each token's visual dependency S and PGPO weight to
+    run_dir/samples/step_XXXXXXXX.jsonl (what `megatron-pgpo visualize RUN_DIR` draws); 0: never."""
+    samples_per_step: int = 16
+    """How many responses (the first ones of the rollout batch) those sample files hold."""
 
     def validate(self) -> None:
         require_positive("logging.log_every", self.log_every)
+        require_positive("logging.samples_every", self.samples_every, allow_zero=True)
+        require_positive("logging.samples_per_step", self.samples_per_step)
 
 
 @dataclass

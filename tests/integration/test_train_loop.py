@@ -1,9 +1,12 @@
-"""The real training loop, end to end on CPU: `megatron-pgpo train` with 2 processes (TP=2), vLLM rollouts,
-rewards, the scoring pass, PGPO updates, weight sync, checkpoints, resume and the HF export."""
+"""The real training loop, end to end on CPU: `megatron-pgpo train` with 2 processes (TP=2 with sequence
+parallelism, PP=2, DP=2), vLLM rollouts, rewards, the scoring pass, PGPO updates, weight sync, checkpoints, kill -9
+and resume, the HF export, and the per-step plumbing invariants the loop logs as ``check/*``."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -17,33 +20,48 @@ def demo_checkpoint(tmp_path_factory):
     return build_demo_checkpoint(tmp_path_factory.mktemp("demo_ckpt") / "hf", task="colour")
 
 
-def _train(run_dir, checkpoint, steps, *extra):
-    cmd = [sys.executable, "-m", "megatron_pgpo.cli", "train", "examples/tiny_cpu.yaml",
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _train_cmd(run_dir, checkpoint, steps, *extra, nproc=None):
+    return [sys.executable, "-m", "megatron_pgpo.cli", "train", "examples/tiny_cpu.yaml",
            f"model.hf_path={checkpoint}", f"trainer.run_dir={run_dir}", f"trainer.total_steps={steps}",
            "data.rollout_batch_size=4", "trainer.global_batch_size=2", "rollout.n=4", "rollout.max_new_tokens=12",
            "trainer.micro_batch_size=4", "trainer.eval_every=0", "checkpoint.save_every=1", "reward.num_workers=1",
-           "algorithm.dapo.dynamic_sampling=false", "logging.tensorboard=false", "logging.console=false", *extra]
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900)
+           "algorithm.dapo.dynamic_sampling=false", "logging.tensorboard=false", "logging.console=false", *extra,
+            *(["--nproc", str(nproc)] if nproc else [])]
+
+
+def _train(run_dir, checkpoint, steps, *extra, nproc=None):
+    proc = subprocess.run(_train_cmd(run_dir, checkpoint, steps, *extra, nproc=nproc), cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_train_two_steps_then_resume_and_export(tmp_path, demo_checkpoint):
-    run_dir = tmp_path / "run"
-    records = _train(run_dir, demo_checkpoint, 2)
-    assert [r["step"] for r in records] == [1, 2]
+#: The TP=2 runs use sequence parallelism (the PP=2 / DP=2 runs below do not): both code paths run the real loop.
+TP2_SP = ("parallel.sequence_parallel=true",)
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, demo_checkpoint):
+    """Three uninterrupted steps at TP=2 with sequence parallelism, saving every step, then the HF export."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    return run_dir, _train(run_dir, demo_checkpoint, STEPS, *TP2_SP)
+
+
+def test_train_tp2_sequence_parallel_then_export(reference_run, demo_checkpoint):
+    run_dir, records = reference_run
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     for r in records:
         assert 0.0 <= r["reward/mean"] <= 1.0
         assert r["response/length_mean"] > 0
         assert r["actor/skipped_updates"] == 0.0
         assert r["actor/grad_norm"] >= 0.0  # 0 when every group's rewards are equal (zero advantages)
         assert r["vd/score_mean"] >= 0.0 and r["time/sync"] > 0
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
-    # Resume: the same command with more steps continues at step 3 from the checkpoint.
-    records = _train(run_dir, demo_checkpoint, 3)
-    assert [r["step"] for r in records] == [1, 2, 3]
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000003"
+        _assert_plumbing(r)
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"
     # The HF export loads in transformers and has the trained (changed) weights.
     from safetensors.torch import load_file
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -56,3 +74,67 @@ def test_train_two_steps_then_resume_and_export(tmp_path, demo_checkpoint):
         after.update(load_file(str(f)))
     assert set(before) == set(after)
     assert any(not (before[k] == after[k]).all() for k in before), "export equals the initial weights"
+
+
+def _deterministic(record):
+    """Everything but wall-clock times and throughputs."""
+    return {k: v for k, v in record.items() if k != "time" and not k.startswith(("time/", "perf/"))}
+
+
+def test_kill_9_after_a_checkpoint_then_resume_reproduces_the_uninterrupted_run(tmp_path, demo_checkpoint,
+                                                                                 reference_run):
+    """Start the same run, SIGKILL the whole process group (ranks and vLLM engine) once step 1's checkpoint is
+    complete, run the same command again: it resumes, and every metric of the remaining steps equals the
+    uninterrupted run's exactly (CPU, fp32, seeded sampling)."""
+    _, reference = reference_run
+    run_dir = tmp_path / "run"
+    log = (tmp_path / "killed.log").open("w")
+    proc = subprocess.Popen(_train_cmd(run_dir, demo_checkpoint, STEPS, *TP2_SP), cwd=ROOT, start_new_session=True,
+                            stdout=log, stderr=subprocess.STDOUT)
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while not (latest.exists() and latest.read_text()) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    log.close()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = int(latest.read_text().split("_")[1])
+    assert killed_at < STEPS
+    records = _train(run_dir, demo_checkpoint, STEPS, *TP2_SP)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    for got, want in zip(records[killed_at:], reference[killed_at:]):
+        assert _deterministic(got) == _deterministic(want), got["step"]
+
+
+def _assert_plumbing(record):
+    """The loop's own invariants (``Trainer._plumbing_checks``), measured on the step's real batch."""
+    assert record["check/group_adv_sum_max"] < 1e-5, record  # advantages sum to zero per group
+    assert record["check/token_adv_sum_err"] < 1e-4, record  # PGPO weights sum to each response's length
+    # old log-probs of the Megatron scoring pass vs the log-probs vLLM reported while sampling (fp32 both)
+    assert record["check/rollout_logp_diff_max"] < 2e-3, record
+    assert 0.0 < record["check/rollout_logp_diff_mean"] < 2e-4, record
+
+
+@pytest.mark.parametrize("layout, nproc, overrides", [
+    ("PP=2", None, ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2"]),
+    ("DP=2", 2, ["parallel.tensor_model_parallel_size=1"]),
+], ids=["pp2", "dp2"])
+def test_real_loop_plumbing_at_pp2_and_dp2(tmp_path, demo_checkpoint, layout, nproc, overrides):
+    """Two steps of the real loop with pipeline stages / two data-parallel replicas (each with its own engine):
+    the plumbing numbers hold, and a sample file with per-token S and PGPO weights is written."""
+    run_dir = tmp_path / "run"
+    records = _train(run_dir, demo_checkpoint, 2, *overrides, "checkpoint.export_hf=false", "logging.samples_every=1",
+                     "logging.samples_per_step=4", nproc=nproc)
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert r["actor/skipped_updates"] == 0.0
+        _assert_plumbing(r)
+    from megatron_pgpo.trainer.samples_log import read_sample_records
+
+    rows = read_sample_records(str(run_dir), step=2)
+    assert len(rows) == 4
+    for row in rows:
+        assert len(row["tokens"]) == len(row["scores"]) == len(row["weights"]) == len(row["token_ids"]) > 0
+        assert sum(row["weights"]) == pytest.approx(len(row["weights"]), rel=1e-4)
+        assert min(row["scores"]) >= 0.0
