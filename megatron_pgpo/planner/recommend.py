@@ -1,0 +1,193 @@
+"""Choose a (TP, PP, DP) layout and a micro-batch size for a GPU count, or say why nothing fits.
+
+Valid layouts (what ``validate_parallel_layout`` and Megatron accept): TP <= 8 (one node's NVLink domain) dividing
+the attention heads, the KV heads and the MLP width; PP dividing the language layers (even split); TP x PP
+dividing the GPU count; DP = GPUs / (TP x PP). Sequence parallelism is on whenever TP > 1 unless told otherwise.
+
+The vLLM engine's TP (``rollout_tp``), unless given, is the smallest of 1, 2, 4, 8 that divides the attention heads,
+is compatible with the KV heads, fits in one model replica (<= TP x PP) and leaves vLLM room for at least one
+sequence's KV cache.
+
+Choice: among the layouts that fit (``memory.estimate`` reports no problem) the smallest TP x PP wins (more data
+parallelism, less communication per token), ties broken by the most headroom. The micro-batch is the given one
+if something fits with it, else the largest smaller power of two that does; then it is raised while the chosen
+layout still fits. When nothing fits even at micro-batch 1, the layout that came closest is explained term by
+term, with the single changes that would make it fit (each re-estimated, not guessed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import List, Optional
+
+from .memory import GIB, Layout, MemoryPlan, Workload, estimate
+from .model_size import ModelShape
+
+MAX_TP = 8
+MAX_MICRO_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything besides the model and the workload that the estimate depends on."""
+
+    gpus: int
+    gpu_memory_gib: float = 80.0
+    gpu_memory_utilization: float = 0.5
+    reserve_gib: float = 2.0
+    recompute: str = "selective"
+    sequence_parallel: Optional[bool] = None  # None: on when TP > 1
+    distributed_optimizer: bool = True
+    dtype: str = "bf16"
+    train_vision_tower: bool = True
+    rollout_tp: Optional[int] = None
+    make_vocab_size_divisible_by: int = 128
+
+
+@dataclass
+class Recommendation:
+    """The chosen plan (None when nothing fits), every plan evaluated at the chosen micro-batch, and in words why."""
+
+    best: Optional[MemoryPlan]
+    plans: List[MemoryPlan]
+    micro_batch_size: Optional[int]
+    notes: List[str] = field(default_factory=list)
+    suggestions: List[str] = field(default_factory=list)
+
+
+def valid_layouts(shape: ModelShape, gpus: int) -> List[tuple]:
+    """Every (TP, PP) that shards this model on ``gpus`` GPUs, smallest TP x PP first."""
+    t = shape.text
+    out = []
+    for tp in (1, 2, 4, 8):
+        if tp > MAX_TP or any(x % tp for x in (t.num_heads, t.num_kv_heads, t.ffn_hidden_size)):
+            continue
+        for pp in range(1, t.num_layers + 1):
+            if t.num_layers % pp == 0 and gpus % (tp * pp) == 0:
+                out.append((tp, pp))
+    return sorted(out, key=lambda x: (x[0] * x[1], x[1]))
+
+
+def _rollout_tp_candidates(shape: ModelShape, tp: int, pp: int) -> List[int]:
+    t = shape.text
+    return [r for r in (1, 2, 4, 8) if r <= tp * pp and t.num_heads % r == 0
+            and (t.num_kv_heads % r == 0 or r % t.num_kv_heads == 0)]
+
+
+def plan_layout(shape: ModelShape, workload: Workload, options: Options, tp: int, pp: int) -> MemoryPlan:
+    """``memory.estimate`` for (TP, PP) on ``options.gpus`` GPUs, choosing the rollout TP if not given."""
+    if options.gpus % (tp * pp):
+        raise ValueError(f"TP x PP = {tp} x {pp} does not divide {options.gpus} GPUs")
+    sp = tp > 1 if options.sequence_parallel is None else options.sequence_parallel
+    base = Layout(tp=tp, pp=pp, dp=options.gpus // (tp * pp), rollout_tp=options.rollout_tp or 1,
+                  sequence_parallel=sp, recompute=options.recompute,
+                  distributed_optimizer=options.distributed_optimizer, dtype=options.dtype,
+                  train_vision_tower=options.train_vision_tower,
+                  make_vocab_size_divisible_by=options.make_vocab_size_divisible_by)
+    mem = dict(gpu_memory_gib=options.gpu_memory_gib, gpu_memory_utilization=options.gpu_memory_utilization,
+               reserve_gib=options.reserve_gib)
+    if options.rollout_tp is not None:
+        return estimate(shape, base, workload, **mem)
+    plans = [estimate(shape, replace(base, rollout_tp=r), workload, **mem)
+             for r in _rollout_tp_candidates(shape, tp, pp) or [1]]
+    return next((p for p in plans if p.rollout.waves is not None), plans[-1])
+
+
+def _choose(plans: List[MemoryPlan]) -> Optional[MemoryPlan]:
+    fitting = [p for p in plans if p.fits]
+    if not fitting:
+        return None
+    return min(fitting, key=lambda p: (p.layout.tp * p.layout.pp, -p.headroom))
+
+
+def _micro_batch_candidates(given: int) -> List[int]:
+    out, mb = [given], given
+    while mb > 1:
+        mb //= 2
+        out.append(mb)
+    return out
+
+
+def recommend(shape: ModelShape, workload: Workload, options: Options, tp: Optional[int] = None,
+              pp: Optional[int] = None) -> Recommendation:
+    """Evaluate the given (TP, PP), or every valid layout, and choose (see the module docstring)."""
+    if tp is not None and pp is not None:
+        layouts = [(tp, pp)]
+    else:
+        layouts = [(t, p) for t, p in valid_layouts(shape, options.gpus)
+                   if (tp is None or t == tp) and (pp is None or p == pp)]
+    if not layouts:
+        raise ValueError(f"no valid (TP, PP) layout of this model on {options.gpus} GPUs"
+                         + (f" with TP={tp}" if tp else "") + (f" with PP={pp}" if pp else ""))
+    notes: List[str] = []
+    first_plans: List[MemoryPlan] = []
+    for mb in _micro_batch_candidates(workload.micro_batch_size):
+        w = replace(workload, micro_batch_size=mb)
+        plans = [plan_layout(shape, w, options, t, p) for t, p in layouts]
+        first_plans = first_plans or plans
+        best = _choose(plans)
+        if best is not None:
+            if mb != workload.micro_batch_size:
+                notes.append(f"nothing fits at micro-batch {workload.micro_batch_size}; the largest that fits is {mb}")
+            best, mb = _raise_micro_batch(shape, w, options, best)
+            plans = [plan_layout(shape, replace(workload, micro_batch_size=mb), options, t, p) for t, p in layouts]
+            return Recommendation(best=best, plans=plans, micro_batch_size=mb, notes=notes)
+    closest = max(plans, key=lambda p: p.headroom)  # at micro-batch 1
+    notes.append(f"nothing fits on {options.gpus} x {options.gpu_memory_gib:g} GiB GPUs, even at micro-batch 1; "
+                 f"closest: TP={closest.layout.tp} PP={closest.layout.pp} DP={closest.layout.dp}")
+    notes += closest.problems
+    return Recommendation(best=None, plans=first_plans, micro_batch_size=None, notes=notes,
+                          suggestions=suggestions(shape, closest, options))
+
+
+def _raise_micro_batch(shape: ModelShape, workload: Workload, options: Options, best: MemoryPlan):
+    samples = (workload.global_batch_size or workload.rollout_batch_size) * workload.n // best.layout.dp
+    mb = workload.micro_batch_size
+    while mb * 2 <= min(MAX_MICRO_BATCH, max(1, samples)):
+        bigger = plan_layout(shape, replace(workload, micro_batch_size=mb * 2), options, best.layout.tp,
+                             best.layout.pp)
+        if not bigger.fits:
+            break
+        best, mb = bigger, mb * 2
+    return best, mb
+
+
+def suggestions(shape: ModelShape, plan: MemoryPlan, options: Options) -> List[str]:
+    """Single changes that make ``plan`` fit, each re-estimated (empty if none of them does)."""
+    lay, w = plan.layout, plan.workload
+    out: List[str] = []
+
+    def tried(what: str, opts: Options = options, workload: Workload = w) -> None:
+        p = plan_layout(shape, workload, opts, lay.tp, lay.pp)
+        if p.fits:
+            out.append(f"{what}: fits with {p.headroom / GIB:.1f} GiB headroom")
+
+    if lay.recompute != "full":
+        tried("--recompute full", replace(options, recompute="full"))
+    if not lay.distributed_optimizer:
+        tried("parallel.use_distributed_optimizer=true", replace(options, distributed_optimizer=True))
+    if lay.train_vision_tower:
+        tried("model.train_vision_tower=false (no vision gradients, optimizer state or activations)",
+              replace(options, train_vision_tower=False))
+    pixels = w.max_pixels // 2
+    while pixels >= 28 * 28 * 16:
+        p = plan_layout(shape, replace(w, max_pixels=pixels), options, lay.tp, lay.pp)
+        if p.fits:
+            out.append(f"data.max_pixels={pixels} (the vision tower's activations shrink): fits with "
+                       f"{p.headroom / GIB:.1f} GiB headroom")
+            break
+        pixels //= 2
+    rollout = plan.rollout
+    worst = plan.peak_stage.peak
+    u_max = 1 - (worst + plan.reserve) / plan.gpu_memory
+    u_min = (rollout.weights + rollout.one_sequence) / plan.gpu_memory
+    if u_min <= u_max and not u_min <= options.gpu_memory_utilization <= u_max:
+        u = max(u_min, int(u_max * 100) / 100)
+        tried(f"rollout.gpu_memory_utilization={u:.2f}", replace(options, gpu_memory_utilization=u))
+    for factor in (2, 4, 8, 16):
+        gpus = options.gpus * factor
+        p = plan_layout(shape, w, replace(options, gpus=gpus), lay.tp, lay.pp)
+        if p.fits:
+            out.append(f"--gpus {gpus} (DP={p.layout.dp}: the distributed optimizer and each vLLM engine's share "
+                       f"of the rollout shrink): fits with {p.headroom / GIB:.1f} GiB headroom")
+            break
+    return out

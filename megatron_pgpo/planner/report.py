@@ -1,0 +1,135 @@
+"""The planner's output: a dict for ``--json`` (bytes and element counts as integers) and rich tables (GiB)."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, Dict, List, Optional
+
+from .memory import GIB, MemoryPlan
+from .model_size import ModelShape, hf_parameter_count, megatron_parameter_count
+from .recommend import Recommendation
+
+STAGE_TERMS = [("parameters", "parameters (elements)"), ("weights", "weights"), ("grads", "gradients (fp32)"),
+               ("optimizer", "optimizer state"), ("activations", "activations (decoder)"),
+               ("vision_activations", "activations (vision tower)"), ("update_logits", "logits, update pass"),
+               ("scoring_logits", "logits, scoring pass (chunked)"),
+               ("scoring_logits_unchunked", "  same with a plain fp32 log-softmax"), ("peak", "training peak")]
+
+
+def model_counts(shape: ModelShape, tp: int, make_vocab_size_divisible_by: int = 128) -> Dict[str, int]:
+    """transformers' parameter count and Megatron's (padded vocabulary at ``tp``)."""
+    return {"hf_parameters": hf_parameter_count(shape),
+            "megatron_parameters": megatron_parameter_count(shape, tp, make_vocab_size_divisible_by)}
+
+
+def plan_to_dict(plan: MemoryPlan) -> Dict[str, Any]:
+    """Everything about one plan; sizes in bytes."""
+    stages = []
+    for s in plan.stages:
+        d = asdict(s)
+        d.update(state=s.state, update_pass=s.update_pass, peak=s.peak)
+        stages.append(d)
+    r = plan.rollout
+    return {
+        "layout": asdict(plan.layout), "workload": asdict(plan.workload), "gpus": plan.layout.gpus,
+        "gpu_memory_bytes": plan.gpu_memory, "gpu_memory_utilization": plan.gpu_memory_utilization,
+        "reserve_bytes": plan.reserve, "training_budget_bytes": plan.training_budget,
+        "micro_batches_per_update": plan.micro_batches_per_update, "stages": stages,
+        "peak_stage": plan.peak_stage.stage, "peak_bytes": plan.peak_stage.peak, "headroom_bytes": plan.headroom,
+        "rollout": {**asdict(r), "one_sequence_kv": r.one_sequence, "waves": r.waves},
+        "fits": plan.fits, "problems": list(plan.problems),
+    }
+
+
+def recommendation_to_dict(rec: Recommendation, shape: ModelShape, model_name: str) -> Dict[str, Any]:
+    """The ``--json`` document."""
+    shown = rec.best or (rec.plans[0] if len(rec.plans) == 1 else None)
+    tp = shown.layout.tp if shown else 1
+    return {
+        "model": model_name,
+        **model_counts(shape, tp, shown.layout.make_vocab_size_divisible_by if shown else 128),
+        "megatron_parameters_tp": tp,
+        "fits": rec.best is not None,
+        "recommended": plan_to_dict(rec.best) if rec.best else None,
+        "micro_batch_size": rec.micro_batch_size,
+        "plans": [plan_to_dict(p) for p in rec.plans],
+        "notes": list(rec.notes), "suggestions": list(rec.suggestions),
+    }
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:.1f}"
+
+
+def _stage_table(plan: MemoryPlan, title: str):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("per GPU (GiB)")
+    for s in plan.stages:
+        table.add_column(f"stage {s.stage}", justify="right")
+    for key, label in STAGE_TERMS:
+        values = [getattr(s, key) for s in plan.stages]
+        if key == "parameters":
+            table.add_row(label, *(f"{v:,}" for v in values))
+        elif any(values) or key in ("peak", "activations"):
+            style = "bold" if key == "peak" else None
+            table.add_row(label, *(_gib(v) for v in values), style=style)
+    r = plan.rollout
+    waves = "does not fit" if r.waves is None else str(r.waves)
+    table.add_section()
+    table.add_row(f"vLLM share ({plan.gpu_memory_utilization:g} x {plan.gpu_memory / GIB:g} GiB)",
+                  *([_gib(r.budget)] * len(plan.stages)))
+    table.add_row(f"  vLLM weights (rollout TP={plan.layout.rollout_tp})", *([_gib(r.weights)] * len(plan.stages)))
+    table.add_row(f"  KV cache pool ({r.kv_bytes_per_token:,} B/token/GPU)", *([_gib(r.kv_pool)] * len(plan.stages)))
+    table.add_row("  KV for the whole rollout step / waves", *([f"{_gib(r.kv_needed)} / {waves}"] * len(plan.stages)))
+    table.add_row("training budget (rest - reserve)", *([_gib(plan.training_budget)] * len(plan.stages)))
+    table.add_row("headroom", *(_gib(plan.training_budget - s.peak) for s in plan.stages), style="bold")
+    return table
+
+
+def _layouts_table(plans: List[MemoryPlan], chosen: Optional[MemoryPlan]):
+    from rich.table import Table
+
+    table = Table(title="layouts evaluated", title_justify="left")
+    for col in ("TP", "PP", "DP", "rollout TP", "micro-batch", "peak GiB (stage)", "headroom GiB", "fits"):
+        table.add_column(col, justify="right")
+    for p in plans:
+        mark = "<- chosen" if chosen is not None and p.layout == chosen.layout else ""
+        table.add_row(str(p.layout.tp), str(p.layout.pp), str(p.layout.dp), str(p.layout.rollout_tp),
+                      str(p.workload.micro_batch_size), f"{_gib(p.peak_stage.peak)} ({p.peak_stage.stage})",
+                      _gib(p.headroom), ("yes " + mark) if p.fits else "no",
+                      style="bold" if mark else None)
+    return table
+
+
+def print_report(rec: Recommendation, shape: ModelShape, model_name: str, console=None) -> None:
+    """Counts, the layouts table, the chosen (or only / closest) plan stage by stage, notes and suggestions."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = console or Console(width=140)
+    detail = rec.best or (rec.plans[0] if len(rec.plans) == 1 else max(rec.plans, key=lambda p: p.headroom))
+    counts = model_counts(shape, detail.layout.tp, detail.layout.make_vocab_size_divisible_by)
+    w, lay = detail.workload, detail.layout
+    console.print(f"[bold]{escape(model_name)}[/]: {counts['hf_parameters']:,} parameters (transformers), "
+                  f"{counts['megatron_parameters']:,} in Megatron at TP={lay.tp} (vocabulary padded to a "
+                  f"multiple of {lay.make_vocab_size_divisible_by} x TP)")
+    console.print(f"workload: prompt {w.prompt_length} + response {w.response_length} tokens, rollout batch "
+                  f"{w.rollout_batch_size} x n={w.n}, images up to {w.max_pixels:,} pixels, {lay.dtype}, "
+                  f"recompute={lay.recompute}, distributed optimizer={lay.distributed_optimizer}")
+    if len(rec.plans) > 1:
+        console.print(_layouts_table(rec.plans, rec.best))
+    title = ("recommended" if rec.best else "closest" if len(rec.plans) > 1 else "layout") + \
+        f": TP={lay.tp} PP={lay.pp} DP={lay.dp}, micro-batch {w.micro_batch_size} " \
+        f"({detail.micro_batches_per_update} per update per DP rank), sequence parallel={lay.sequence_parallel}"
+    console.print(_stage_table(detail, title))
+    if rec.best is not None:
+        console.print(f"[green]fits[/]: recommended micro-batch {rec.micro_batch_size}, "
+                      f"headroom {_gib(rec.best.headroom)} GiB on stage {rec.best.peak_stage.stage}")
+    for note in rec.notes:
+        console.print(f"[yellow]note[/]: {escape(note)}")
+    for line in rec.suggestions:
+        console.print(f"[cyan]suggestion[/]: {escape(line)}")
+    if rec.best is None and not rec.suggestions:
+        console.print("[cyan]suggestion[/]: no single change tried (full recompute, frozen vision tower, smaller "
+                      "images, vLLM share, up to 16x the GPUs) makes it fit; combine them or use bigger GPUs")
