@@ -136,3 +136,7 @@ def pgpo_shaper(
     if scores is None:
         raise ValueError("the 'pgpo' advantage shaper needs visual-dependency scores [B, T]; got scores=None")
     return pgpo_advantages(seq_advantages, scores, response_mask, tau=tau, beta=beta, eps=eps, s_max=s_max)
+
+
+#: The trainer runs the text-only pass (which computes ``scores``) only for shapers that set this.
+pgpo_shaper.uses_visual_dependency = True

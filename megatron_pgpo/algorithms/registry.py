@@ -67,6 +67,8 @@ class Registry:
 
 
 #: Advantage shapers: ``fn(seq_advantages[B], response_mask[B, T], *, scores=None, **params) -> [B, T]``.
+#: A shaper that reads ``scores`` (visual dependency) sets ``fn.uses_visual_dependency = True``; for the others
+#: the trainer skips the text-only pass.
 ADVANTAGE_SHAPERS = Registry("advantage shaper")
 
 #: Policy losses: ``fn(logp[B, T], old_logp[B, T], advantages[B, T], response_mask[B, T], **params)

@@ -84,6 +84,9 @@ class AlgorithmConfig(Section):
     """Divide group-centred rewards by the group's sample std (GRPO/DAPO); false keeps only the centring."""
     adv_eps: float = 1e-6
     """Added to the group std before dividing."""
+    monitor_visual_dependency: bool = False
+    """Run the text-only pass and log the vd/* statistics (and S in the sample files) even when the advantage
+    shaper does not use S (grpo); off, GRPO/DAPO skip that pass. PGPO always runs it."""
     pgpo: PGPOConfig = field(default_factory=PGPOConfig)
     """PGPO's visual-dependency reshaping (used when advantage=pgpo)."""
     dapo: DAPOConfig = field(default_factory=DAPOConfig)

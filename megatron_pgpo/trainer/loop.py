@@ -328,7 +328,9 @@ class Trainer:
         minis = self._mini_batches(samples)
         micro = [self._micro_batches(samples, m) for m in minis]
         t0 = time.perf_counter()
-        scored = [self.policy.score(mbs) for mbs in micro]
+        shaper = ADVANTAGE_SHAPERS.get(cfg.algorithm.advantage)
+        text_only = getattr(shaper, "uses_visual_dependency", False) or cfg.algorithm.monitor_visual_dependency
+        scored = [self.policy.score(mbs, text_only=text_only) for mbs in micro]
         t_score = time.perf_counter() - t0
         flat = [so for part in scored for so in part]
         token_adv, stats, seq_adv = self._advantages(samples, flat)
@@ -355,6 +357,8 @@ class Trainer:
                 n_tokens = float(sum(len(samples[i].response_ids) for i in usable))
                 updates.append(self.policy.update(mbs, extras, max(n_tokens, 1.0), float(max(len(usable), 1))))
         t_update = time.perf_counter() - t1
+        if not text_only:  # no text-only pass ran: there is no visual dependency to report
+            stats = {k: v for k, v in stats.items() if not k.startswith("vd/")}
         n_tok = max(sum(len(s.response_ids) for s in samples), 1)
         summary = torch.tensor([entropy_sum] + [sum(u.get(k, 0.0) for u in updates) for k in
                                                 ("actor/loss", "actor/clip_fraction", "actor/approx_kl")],

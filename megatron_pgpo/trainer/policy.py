@@ -57,13 +57,24 @@ class ScoreOutput:
 
 
 def score_loss_func(mb: ModelBatch, extras: dict, output: torch.Tensor, *, vocab_size: int, estimator: str,
-                    chunk_tokens: int):
-    """Last-stage reduction of the stacked (image; text-only) logits ``[2B, S, V/TP]`` to per-token scalars."""
+                    chunk_tokens: int, text_only: bool = True):
+    """Last-stage reduction of the stacked (image; text-only) logits ``[2B, S, V/TP]`` to per-token scalars.
+
+    ``text_only=False``: ``output`` holds the image rows only (``[B, S, V/TP]``, no text-only pass: GRPO/DAPO);
+    ``logp_text`` and ``scores`` are then zeros.
+    """
     batch, seq = mb.input_ids.shape
-    img_logits, txt_logits = output[:batch], output[batch:, : mb.text_only.input_ids.shape[1]]
+    img_logits = output[:batch]
     logp = shifted_logprobs(img_logits, mb.input_ids, vocab_size)
-    logp_text = mb.text_only.restore(shifted_logprobs(txt_logits, mb.text_only.input_ids, vocab_size), seq)
     entropy = token_logprobs_from_shifted(vocab_parallel_entropy(img_logits[:, :-1], vocab_size=vocab_size))
+    if not text_only:
+        mask = mb.response_mask
+        zeros = torch.zeros_like(logp)
+        out = ScoreOutput(mb.indices, torch.where(mask, logp, zeros).detach(), zeros, zeros.clone(),
+                          torch.where(mask, entropy, zeros).detach())
+        return output.new_zeros(()), {"score": out}
+    txt_logits = output[batch:, : mb.text_only.input_ids.shape[1]]
+    logp_text = mb.text_only.restore(shifted_logprobs(txt_logits, mb.text_only.input_ids, vocab_size), seq)
     if estimator == "k3":
         scores = k3_divergence(logp, logp_text)
     else:
@@ -92,7 +103,7 @@ def update_loss_func(mb: ModelBatch, extras: Dict[str, torch.Tensor], output: to
 def _forward_step(variant: str, loss_func, data_iterator, model):
     """Megatron ``forward_step_func``: run one micro-batch, return (output, loss closure)."""
     mb, extras = next(data_iterator)
-    if variant == "score":
+    if variant == "score":  # "score_image" and "update" run the image rows only
         ids, pos, img = _stack_variants(mb)
     else:
         ids, pos, img = mb.input_ids, mb.position_ids, mb.image_mask
@@ -156,13 +167,17 @@ class MegatronPolicy:
         )
 
     @torch.no_grad()
-    def score(self, micro_batches: List[ModelBatch]) -> List[ScoreOutput]:
-        """Old-policy log-probs, text-only log-probs, visual dependency and entropy (last stage; [] elsewhere)."""
+    def score(self, micro_batches: List[ModelBatch], text_only: bool = True) -> List[ScoreOutput]:
+        """Old-policy log-probs, text-only log-probs, visual dependency and entropy (last stage; [] elsewhere).
+
+        ``text_only=False`` skips the text-only pass (what GRPO/DAPO need): ``logp_text`` and ``scores`` are 0.
+        """
         self.model.eval()
         pgpo = self.cfg.algorithm.pgpo
         loss_func = partial(score_loss_func, vocab_size=self.vocab_size, estimator=pgpo.estimator,
-                            chunk_tokens=pgpo.kl_chunk_tokens)
-        out = self._run(micro_batches, [{}] * len(micro_batches), "score", loss_func, True)
+                            chunk_tokens=pgpo.kl_chunk_tokens, text_only=text_only)
+        out = self._run(micro_batches, [{}] * len(micro_batches), "score" if text_only else "score_image", loss_func,
+                        True)
         return [o["score"] for o in out] if self.is_last_stage else []
 
     def update(self, micro_batches: List[ModelBatch], extras: List[dict], global_num_tokens: float,

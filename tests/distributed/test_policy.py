@@ -213,6 +213,11 @@ def _pipeline_case(hf_path):
             width = full.response_mask[i].sum()
             logp_err = max(logp_err, float((out.logp[row][out.logp[row] != 0][:width] -
                                             logp[i][full.response_mask[i]]).abs().max()))
+    # Without the text-only rows (GRPO/DAPO) the old log-probs are the same, and S is zero.
+    image_only_err = 0.0
+    for full_out, img_out in zip(scored, policy.score(micro, text_only=False)):
+        image_only_err = max(image_only_err, float((full_out.logp - img_out.logp).abs().max()),
+                             float(img_out.scores.abs().max()))
     extras = [{"old_logp": old_logp[mb.indices][:, : mb.input_ids.shape[1]],
                "advantages": token_adv[mb.indices][:, : mb.input_ids.shape[1]]} for mb in micro]
     from functools import partial
@@ -231,7 +236,7 @@ def _pipeline_case(hf_path):
             grad_err = max(grad_err, float((g - ref_grads[name]).abs().max()))
             compared += 1
     return {"stage": pp_rank, "scored": len(scored), "logp_err": logp_err, "grad_err": grad_err,
-            "compared": compared}
+            "compared": compared, "image_only_err": image_only_err}
 
 
 def test_pipeline_parallel_score_and_update_equal_one_stage(workers, tiny_hf_checkpoint):
@@ -239,6 +244,7 @@ def test_pipeline_parallel_score_and_update_equal_one_stage(workers, tiny_hf_che
     first, last = sorted(results, key=lambda r: r["stage"])
     assert first["scored"] == 0 and last["scored"] == 3  # only the last stage reduces to per-token scalars
     assert last["logp_err"] < 1e-5
+    assert last["image_only_err"] < 1e-6
     assert first["compared"] > 30 and last["compared"] >= 8  # vision + layer 0 on stage 0; layer 1 + head on 1
     for r in results:
         assert r["grad_err"] < 1e-5, r
