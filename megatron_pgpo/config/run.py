@@ -120,7 +120,7 @@ class LoggingConfig(Section):
     console: bool = True
     """Rich progress bar and a one-line summary per step on the console."""
     log_every: int = 1
-    """Console summary every this many steps (files always get every step)."""
+    """Refresh the numbers next to the console progress bar every this many steps (files get every step)."""
     tensorboard: bool = True
     """Write TensorBoard event files under run_dir/tensorboard."""
     wandb: bool = False

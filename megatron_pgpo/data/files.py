@@ -122,9 +122,18 @@ def _without_image_decoding(ds, column: str):
     return ds
 
 
+def downscale(image, max_pixels: int):
+    """``image`` resized (aspect kept, bicubic) so that width x height <= ``max_pixels``."""
+    import math
+
+    scale = math.sqrt(max_pixels / (image.width * image.height))
+    size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+    return image.resize(size, resample=3)
+
+
 def load_examples(path: str, layout: str = "auto", prompt_length: Optional[Callable[[Example], int]] = None,
-                  max_prompt_length: Optional[int] = None, limit: Optional[int] = None
-                  ) -> Tuple[List[Example], SkipCounter]:
+                  max_prompt_length: Optional[int] = None, limit: Optional[int] = None,
+                  max_pixels: Optional[int] = None) -> Tuple[List[Example], SkipCounter]:
     """Usable examples of a local dataset and the count of skipped rows per reason.
 
     Args:
@@ -133,6 +142,7 @@ def load_examples(path: str, layout: str = "auto", prompt_length: Optional[Calla
         prompt_length: tokens of an example's prompt, image tokens included (e.g. from the processor).
         max_prompt_length: rows over it are skipped (needs ``prompt_length``).
         limit: stop after this many usable examples.
+        max_pixels: larger images are downscaled (aspect kept) to at most this many pixels.
     """
     import datasets
 
@@ -156,6 +166,8 @@ def load_examples(path: str, layout: str = "auto", prompt_length: Optional[Calla
         except Exception as exc:  # corrupt bytes, missing file, several images
             skipped.skip(f"a missing or unreadable image ({type(exc).__name__})", where)
             continue
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            image = downscale(image, max_pixels)
         question = question.replace("<image>", "").strip()  # datasets mark the image slot; our template adds it
         example = Example(image=image, question=question, answer=answer, task=Path(path).stem, uid=f"{where}")
         if max_prompt_length is not None and prompt_length is not None and prompt_length(example) > max_prompt_length:

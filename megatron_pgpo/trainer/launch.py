@@ -34,10 +34,14 @@ def datasets_for(cfg: Config):
                 SyntheticTask(cfg.data.task, cfg.data.num_val_examples, cfg.trainer.seed, "val"))
     from ..data.files import load_examples
 
-    train, skipped = load_examples(cfg.data.train_path, cfg.data.layout)
+    from .prompts import PromptLength
+
+    limits = dict(prompt_length=PromptLength(cfg.model.hf_path), max_prompt_length=cfg.data.max_prompt_length,
+                  max_pixels=cfg.data.max_pixels)
+    train, skipped = load_examples(cfg.data.train_path, cfg.data.layout, **limits)
     if skipped.total:
         log.warning("skipped %d training rows: %s", skipped.total, dict(skipped.counts))
-    val = load_examples(cfg.data.val_path, cfg.data.layout)[0] if cfg.data.val_path else None
+    val = load_examples(cfg.data.val_path, cfg.data.layout, **limits)[0] if cfg.data.val_path else None
     return train, val
 
 

@@ -434,7 +434,8 @@ class Trainer:
                                          wandb_project=cfg.logging.wandb_project, config=to_dict(cfg),
                                          resume_step=self.step if resumed else 0)
         preempt = PreemptionHandler(enabled=cfg.checkpoint.save_on_signal)
-        progress = StepProgress(cfg.trainer.total_steps, self.step, enabled=self.rank == 0 and cfg.logging.console)
+        progress = StepProgress(cfg.trainer.total_steps, self.step, enabled=self.rank == 0 and cfg.logging.console,
+                                every=cfg.logging.log_every)
         last: Dict[str, float] = {}
         try:
             while self.step < cfg.trainer.total_steps:

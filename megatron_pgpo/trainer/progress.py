@@ -5,8 +5,8 @@ from typing import Dict
 
 
 class StepProgress:
-    def __init__(self, total: int, start: int = 0, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, every: int = 1):
+        self.enabled, self.every = enabled, every
         if not enabled:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
@@ -19,6 +19,9 @@ class StepProgress:
 
     def update(self, step: int, stats: Dict[str, float]) -> None:
         if not self.enabled:
+            return
+        if step % self.every and "eval/accuracy" not in stats:  # the bar moves every step, the numbers less often
+            self.progress.update(self.task, completed=step)
             return
         parts = [f"reward {stats.get('reward/mean', float('nan')):.3f}",
                  f"acc {stats.get('reward/accuracy', float('nan')):.2f}",

@@ -77,6 +77,29 @@ class ImageEncoder:
         return int(grid.prod()) // (self.merge * self.merge)
 
 
+class PromptLength:
+    """Tokens of an example's prompt as the engine will see it: the chat template's text tokens with the image
+    placeholder expanded to the processor's image-token count (computed from the image size, no pixel work)."""
+
+    def __init__(self, model_path: str):
+        from ..compat.torchvision_ops import ensure_torchvision_importable
+
+        ensure_torchvision_importable()  # AutoImageProcessor may reach for torchvision (STACK.md)
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.processor = AutoImageProcessor.from_pretrained(model_path)
+        self.merge = getattr(self.processor, "merge_size", 2)
+
+    def __call__(self, example) -> int:
+        text = self.tokenizer.apply_chat_template(messages_for(example.question), tokenize=False,
+                                                  add_generation_prompt=True)
+        n_text = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        width, height = example.image.size
+        patches = self.processor.get_number_of_image_patches(height, width, {})
+        return n_text - 1 + patches // (self.merge * self.merge)  # the placeholder becomes the image tokens
+
+
 def split_round_robin(items: Sequence, parts: int, index: int) -> List:
     """Items ``index, index + parts, ...``: this DP rank's share."""
     return list(items[index::parts])

@@ -6,6 +6,8 @@ import json
 import pytest
 from PIL import Image
 
+import megatron_pgpo.models.qwen2_5_vl  # noqa: F401  (torchvision shim before transformers)
+
 from megatron_pgpo.data.files import DataError, detect_layout, load_examples
 
 
@@ -62,3 +64,34 @@ def test_layout_errors(tmp_path):
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(DataError, match="unsupported file type"):
         load_examples(str(tmp_path / "x.csv"))
+
+
+def test_large_images_are_downscaled_to_max_pixels(tmp_path):
+    buf = io.BytesIO()
+    Image.new("RGB", (400, 100), (10, 20, 30)).save(buf, format="PNG")
+    (tmp_path / "big.png").write_bytes(buf.getvalue())
+    path = tmp_path / "geo.jsonl"
+    path.write_text(json.dumps({"problem": "Find x.", "answer": "3", "images": ["big.png"]}) + "\n")
+    examples, _ = load_examples(str(path), max_pixels=10_000)
+    w, h = examples[0].image.size
+    assert w * h <= 10_000 and (w, h) == (200, 50)  # aspect kept
+    assert load_examples(str(path))[0][0].image.size == (400, 100)
+
+
+def test_prompt_length_counts_what_the_processor_and_chat_template_give(tmp_path):
+    """``PromptLength`` (from the image size alone) equals the tokens of the real processed prompt."""
+    from megatron_pgpo.data.files import Example
+    from megatron_pgpo.demo_model import build_demo_checkpoint
+    from megatron_pgpo.trainer.prompts import PromptLength, messages_for
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    ckpt = build_demo_checkpoint(tmp_path / "hf")
+    count = PromptLength(str(ckpt))
+    tokenizer, processor = AutoTokenizer.from_pretrained(ckpt), AutoImageProcessor.from_pretrained(ckpt)
+    for size in [(56, 56), (112, 84), (30, 200)]:
+        example = Example(image=Image.new("RGB", size), question="What colour is the square?", answer="red",
+                          task="t", uid="u")
+        text = tokenizer.apply_chat_template(messages_for(example.question), tokenize=False, add_generation_prompt=True)
+        grid = processor(images=[example.image], return_tensors="pt")["image_grid_thw"]
+        expected = len(tokenizer(text, add_special_tokens=False)["input_ids"]) - 1 + int(grid.prod()) // 4
+        assert count(example) == expected, size
