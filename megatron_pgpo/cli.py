@@ -9,6 +9,7 @@
     megatron-pgpo check-parity --hf-path DIR [--tp N] [--pp M] [--image FILE] [--tolerance 1e-4]
     megatron-pgpo check-sync --hf-path DIR --tp N [--pp M]
     megatron-pgpo visualize RUN_DIR [--step N ... | --last | --all] [--out DIR] [--max-responses 24]
+    megatron-pgpo plan --model 72b|--hf-config PATH --gpus N [--config RUN.yaml] [--tp T --pp P] [--json] [--check-meta]
 
 Heavy imports (torch, megatron, vLLM) happen inside the subcommand that needs them, so `--help` is instant.
 """
@@ -146,6 +147,12 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     return visualize_command(args.run_dir, args.out, steps, args.max_responses, png=not args.no_png)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .planner.command import run_plan
+
+    return run_plan(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-pgpo",
@@ -276,6 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="responses shown token by token (default 24); the histogram covers all")
     p.add_argument("--no-png", action="store_true", help="write only the HTML page (no matplotlib needed)")
     p.set_defaults(func=cmd_visualize)
+
+    from .planner.command import add_arguments as add_plan_arguments  # argparse only; no torch import
+
+    p = sub.add_parser(
+        "plan",
+        help="choose TP/PP/DP and the micro-batch for a GPU count: parameter counts and per-GPU memory, or why "
+        "nothing fits",
+        description="Estimates, per pipeline stage, the memory of a Qwen2.5-VL PGPO run (weights, fp32 gradients, "
+        "Adam state, activations, logits of the update and scoring passes) next to the colocated vLLM engine "
+        "(weights + KV cache), for the given --tp/--pp or for every valid layout, and recommends one. Exit code 0 "
+        "when a layout fits, 1 when none does or --check-meta finds a mismatch.",
+    )
+    add_plan_arguments(p)
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -26,7 +26,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 from .model_size import ModelShape, stage_parameter_count, stage_tensors
 
@@ -50,9 +50,12 @@ class ShardCheck:
 
 
 # ------------------------------------------------------------------------------------------------ child side
-def _build_shards(config: str, tp: int, pp: int, dp: int, shards: Sequence[Tuple[int, int]], dtype: str,
-                  make_vocab_size_divisible_by: int) -> List[dict]:
-    """In THIS process: build each (stage, tp_rank) on the meta device; named tensors of each."""
+def _build_shards(requests: Sequence[dict]) -> List[dict]:
+    """In THIS process: build each request's (stage, tp_rank) shards on the meta device; named tensors of each.
+
+    A request: ``config``, ``tp``, ``pp``, ``dp``, ``shards`` [(stage, tp_rank)], ``dtype``,
+    ``make_vocab_size_divisible_by``.
+    """
     import torch
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore  # private: torch is pinned
@@ -64,33 +67,35 @@ def _build_shards(config: str, tp: int, pp: int, dp: int, shards: Sequence[Tuple
     from megatron.core import parallel_state as ps
 
     out = []
-    for stage, tp_rank in shards:
-        rank = stage * tp * dp + tp_rank  # Megatron's default order tp-cp-ep-dp-pp, DP rank 0
-        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=tp * pp * dp)
-        try:
-            ps.initialize_model_parallel(tp, pp, create_gloo_process_groups=False)
-            where = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank())
-            if where != (stage, tp_rank):
-                raise RuntimeError(f"rank {rank} became (stage, TP rank) {where}, expected {(stage, tp_rank)}")
-            with torch.device("meta"):
-                model = build_model(config, tp=tp, pp=pp, dtype=dtype, init_weights=False,
-                                    make_vocab_size_divisible_by=make_vocab_size_divisible_by)
-            off_meta = [n for n, p in model.named_parameters() if not p.is_meta]
-            if off_meta:
-                raise RuntimeError(f"parameters allocated off the meta device: {off_meta[:3]}")
-            out.append({"stage": stage, "tp_rank": tp_rank,
-                        "tensors": [(n, p.numel(), bool(getattr(p, "shared_embedding", False)))
-                                    for n, p in model.named_parameters()]})
-            del model
-        finally:
-            ps.destroy_model_parallel()
-            dist.destroy_process_group()
+    for req in requests:
+        tp, pp, dp = req["tp"], req["pp"], req["dp"]
+        for stage, tp_rank in req["shards"]:
+            rank = stage * tp * dp + tp_rank  # Megatron's default order tp-cp-ep-dp-pp, DP rank 0
+            dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=tp * pp * dp)
+            try:
+                ps.initialize_model_parallel(tp, pp, create_gloo_process_groups=False)
+                where = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank())
+                if where != (stage, tp_rank):
+                    raise RuntimeError(f"rank {rank} became (stage, TP rank) {where}, expected {(stage, tp_rank)}")
+                with torch.device("meta"):
+                    model = build_model(req["config"], tp=tp, pp=pp, dtype=req["dtype"], init_weights=False,
+                                        make_vocab_size_divisible_by=req["make_vocab_size_divisible_by"])
+                off_meta = [n for n, p in model.named_parameters() if not p.is_meta]
+                if off_meta:
+                    raise RuntimeError(f"parameters allocated off the meta device: {off_meta[:3]}")
+                out.append({"config": req["config"], "tp": tp, "pp": pp, "stage": stage, "tp_rank": tp_rank,
+                            "tensors": [(n, p.numel(), bool(getattr(p, "shared_embedding", False)))
+                                        for n, p in model.named_parameters()]})
+                del model
+            finally:
+                ps.destroy_model_parallel()
+                dist.destroy_process_group()
     return out
 
 
-def _run_child(request: dict, timeout_s: float) -> List[dict]:
+def _run_child(requests: List[dict], timeout_s: float) -> List[dict]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "megatron_pgpo.planner.meta_check", json.dumps(request)],
+    proc = subprocess.run([sys.executable, "-m", "megatron_pgpo.planner.meta_check", json.dumps(requests)],
                           capture_output=True, text=True, timeout=timeout_s, env=env,
                           cwd=str(Path(__file__).resolve().parents[2]))
     if proc.returncode != 0:
@@ -99,19 +104,18 @@ def _run_child(request: dict, timeout_s: float) -> List[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- parent side
-def build_meta_shards(config: str, tp: int, pp: int, shards: Iterable[Tuple[int, int]], dp: int = 1,
-                      dtype: str = "bf16", make_vocab_size_divisible_by: int = 128, isolation: str = "reinit",
-                      timeout_s: float = 600.0) -> List[dict]:
-    """``[{"stage", "tp_rank", "tensors": [(name, numel, shared_embedding), ...]}]`` for each (stage, TP rank),
-    built on the meta device in child processes (see the module docstring for ``isolation``)."""
+def build_meta_shards(requests: Sequence[dict], isolation: str = "reinit", timeout_s: float = 600.0) -> List[dict]:
+    """Meta-device builds of every request's shards (see ``_build_shards`` for a request's keys; ``dp`` defaults to
+    1, ``dtype`` to bf16, ``make_vocab_size_divisible_by`` to 128): ``[{"config", "tp", "pp", "stage", "tp_rank",
+    "tensors": [(name, numel, shared_embedding), ...]}]``, in one child (``reinit``) or one child per shard."""
     if isolation not in ISOLATION_MODES:
         raise ValueError(f"unknown isolation {isolation!r}; valid: {', '.join(ISOLATION_MODES)}")
-    shards = list(shards)
-    base = dict(config=str(config), tp=tp, pp=pp, dp=dp, dtype=dtype,
-                make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    defaults = dict(dp=1, dtype="bf16", make_vocab_size_divisible_by=128)
+    full = [{**defaults, **r, "config": str(r["config"]), "shards": [list(x) for x in r["shards"]]} for r in requests]
     if isolation == "reinit":
-        return _run_child({**base, "shards": shards}, timeout_s)
-    return [r for shard in shards for r in _run_child({**base, "shards": [shard]}, timeout_s)]
+        return _run_child(full, timeout_s)
+    return [built for r in full for shard in r["shards"]
+            for built in _run_child([dict(r, shards=[shard])], timeout_s)]
 
 
 def compare(shape: ModelShape, tp: int, pp: int, built: List[dict],
@@ -136,16 +140,15 @@ def compare(shape: ModelShape, tp: int, pp: int, built: List[dict],
 
 
 def check_layout(config: str, shape: ModelShape, tp: int, pp: int, tp_ranks: Sequence[int] = (0,),
-                 stages: Optional[Sequence[int]] = None, **kwargs) -> List[ShardCheck]:
+                 stages: Optional[Sequence[int]] = None, make_vocab_size_divisible_by: int = 128,
+                 **kwargs) -> List[ShardCheck]:
     """Build every stage (or ``stages``) at each of ``tp_ranks`` on the meta device and compare."""
     stages = range(pp) if stages is None else stages
-    shards = [(s, r) for s in stages for r in tp_ranks]
-    divisible = kwargs.get("make_vocab_size_divisible_by", 128)
-    return compare(shape, tp, pp, build_meta_shards(config, tp, pp, shards, **kwargs), divisible)
+    request = dict(config=config, tp=tp, pp=pp, shards=[(s, r) for s in stages for r in tp_ranks],
+                   make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                   **{k: kwargs.pop(k) for k in ("dp", "dtype") if k in kwargs})
+    return compare(shape, tp, pp, build_meta_shards([request], **kwargs), make_vocab_size_divisible_by)
 
 
 if __name__ == "__main__":  # the child process
-    req = json.loads(sys.argv[1])
-    result = _build_shards(req["config"], req["tp"], req["pp"], req["dp"], [tuple(s) for s in req["shards"]],
-                           req["dtype"], req["make_vocab_size_divisible_by"])
-    print(json.dumps(result))
+    print(json.dumps(_build_shards(json.loads(sys.argv[1]))))

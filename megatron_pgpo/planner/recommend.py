@@ -52,6 +52,7 @@ class Recommendation:
     micro_batch_size: Optional[int]
     notes: List[str] = field(default_factory=list)
     suggestions: List[str] = field(default_factory=list)
+    closest: Optional[MemoryPlan] = None  # when nothing fits: the plan that came closest, at micro-batch 1
 
 
 def valid_layouts(shape: ModelShape, gpus: int) -> List[tuple]:
@@ -135,8 +136,15 @@ def recommend(shape: ModelShape, workload: Workload, options: Options, tp: Optio
     notes.append(f"nothing fits on {options.gpus} x {options.gpu_memory_gib:g} GiB GPUs, even at micro-batch 1; "
                  f"closest: TP={closest.layout.tp} PP={closest.layout.pp} DP={closest.layout.dp}")
     notes += closest.problems
-    return Recommendation(best=None, plans=first_plans, micro_batch_size=None, notes=notes,
-                          suggestions=suggestions(shape, closest, options))
+    hints = suggestions(shape, closest, options)
+    if tp is not None or pp is not None:  # the layout was fixed: would another one on these GPUs fit?
+        other = recommend(shape, workload, options)
+        if other.best is not None:
+            lay = other.best.layout
+            hints.insert(0, f"--tp {lay.tp} --pp {lay.pp} (the recommended layout on these GPUs): fits at "
+                            f"micro-batch {other.micro_batch_size} with {other.best.headroom / GIB:.1f} GiB headroom")
+    return Recommendation(best=None, plans=first_plans, micro_batch_size=None, notes=notes, suggestions=hints,
+                          closest=closest)
 
 
 def _raise_micro_batch(shape: ModelShape, workload: Workload, options: Options, best: MemoryPlan):
@@ -190,4 +198,45 @@ def suggestions(shape: ModelShape, plan: MemoryPlan, options: Options) -> List[s
             out.append(f"--gpus {gpus} (DP={p.layout.dp}: the distributed optimizer and each vLLM engine's share "
                        f"of the rollout shrink): fits with {p.headroom / GIB:.1f} GiB headroom")
             break
+    if not out:
+        combined = combined_suggestion(shape, plan, options)
+        if combined:
+            out.append(combined)
     return out
+
+
+def combined_suggestion(shape: ModelShape, plan: MemoryPlan, options: Options, max_steps: int = 12) -> Optional[str]:
+    """Greedy: apply, one at a time, whichever change gains the most headroom (full recompute, the distributed
+    optimizer, half the image pixels, twice the GPUs up to 16x, 0.05 less vLLM share while vLLM can still start)
+    until the layout fits; the flags that got it there, or None."""
+    lay, opts, w, current = plan.layout, options, plan.workload, plan
+    flags: dict = {}
+    for _ in range(max_steps):
+        candidates = []
+        if opts.recompute != "full":
+            candidates.append(("--recompute", "full", replace(opts, recompute="full"), w))
+        if not opts.distributed_optimizer:
+            candidates.append(("parallel.use_distributed_optimizer", "true",
+                               replace(opts, distributed_optimizer=True), w))
+        if w.max_pixels // 2 >= 28 * 28 * 16:
+            candidates.append(("--max-pixels", str(w.max_pixels // 2), opts, replace(w, max_pixels=w.max_pixels // 2)))
+        if opts.gpus < 16 * options.gpus:
+            candidates.append(("--gpus", str(opts.gpus * 2), replace(opts, gpus=opts.gpus * 2), w))
+        if opts.gpu_memory_utilization > 0.1:
+            u = round(opts.gpu_memory_utilization - 0.05, 2)
+            candidates.append(("--gpu-memory-utilization", f"{u:g}", replace(opts, gpu_memory_utilization=u), w))
+        scored = [(plan_layout(shape, w2, o2, lay.tp, lay.pp), flag, value, o2, w2)
+                  for flag, value, o2, w2 in candidates]
+        scored = [x for x in scored if x[0].rollout.waves is not None]
+        if not scored:
+            return None
+        best = max(scored, key=lambda x: x[0].headroom)
+        if best[0].headroom <= current.headroom:
+            return None
+        current, opts, w = best[0], best[3], best[4]
+        flags[best[1]] = best[2]
+        if current.fits:
+            joined = " ".join(f"{k} {v}" if k.startswith("--") else f"{k}={v}" for k, v in flags.items())
+            return (f"together: {joined}: fits with {current.headroom / GIB:.1f} GiB headroom "
+                    f"(vLLM: {current.rollout.waves} wave(s) of generation per step)")
+    return None

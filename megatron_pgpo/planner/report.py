@@ -42,14 +42,14 @@ def plan_to_dict(plan: MemoryPlan) -> Dict[str, Any]:
 
 def recommendation_to_dict(rec: Recommendation, shape: ModelShape, model_name: str) -> Dict[str, Any]:
     """The ``--json`` document."""
-    shown = rec.best or (rec.plans[0] if len(rec.plans) == 1 else None)
-    tp = shown.layout.tp if shown else 1
+    shown = rec.best or rec.closest or rec.plans[0]
     return {
         "model": model_name,
-        **model_counts(shape, tp, shown.layout.make_vocab_size_divisible_by if shown else 128),
-        "megatron_parameters_tp": tp,
+        **model_counts(shape, shown.layout.tp, shown.layout.make_vocab_size_divisible_by),
+        "megatron_parameters_tp": shown.layout.tp,
         "fits": rec.best is not None,
         "recommended": plan_to_dict(rec.best) if rec.best else None,
+        "closest": plan_to_dict(rec.closest) if rec.closest else None,
         "micro_batch_size": rec.micro_batch_size,
         "plans": [plan_to_dict(p) for p in rec.plans],
         "notes": list(rec.notes), "suggestions": list(rec.suggestions),
@@ -108,7 +108,7 @@ def print_report(rec: Recommendation, shape: ModelShape, model_name: str, consol
     from rich.markup import escape
 
     console = console or Console(width=140)
-    detail = rec.best or (rec.plans[0] if len(rec.plans) == 1 else max(rec.plans, key=lambda p: p.headroom))
+    detail = rec.best or rec.closest or rec.plans[0]
     counts = model_counts(shape, detail.layout.tp, detail.layout.make_vocab_size_divisible_by)
     w, lay = detail.workload, detail.layout
     console.print(f"[bold]{escape(model_name)}[/]: {counts['hf_parameters']:,} parameters (transformers), "
@@ -119,7 +119,8 @@ def print_report(rec: Recommendation, shape: ModelShape, model_name: str, consol
                   f"recompute={lay.recompute}, distributed optimizer={lay.distributed_optimizer}")
     if len(rec.plans) > 1:
         console.print(_layouts_table(rec.plans, rec.best))
-    title = ("recommended" if rec.best else "closest" if len(rec.plans) > 1 else "layout") + \
+    title = ("recommended" if rec.best else "closest, at micro-batch 1" if len(rec.plans) > 1 else
+             "at micro-batch 1") + \
         f": TP={lay.tp} PP={lay.pp} DP={lay.dp}, micro-batch {w.micro_batch_size} " \
         f"({detail.micro_batches_per_update} per update per DP rank), sequence parallel={lay.sequence_parallel}"
     console.print(_stage_table(detail, title))
