@@ -120,4 +120,4 @@ def warm_up(path: Path, task: str = "colour", steps: int = 250, batch_size: int 
         if progress:
             iterator.set_postfix(loss=f"{loss.item():.3f}")
     model.save_pretrained(path, safe_serialization=True)
-    return {"loss": float(loss), "seconds": time.perf_counter() - start}
+    return {"loss": float(loss.detach()), "seconds": time.perf_counter() - start}

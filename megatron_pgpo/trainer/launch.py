@@ -83,11 +83,26 @@ def init_rank(cfg: Config, rank: int, world_size: int, master_addr: str, master_
                               seed=cfg.trainer.seed)
 
 
+def _terminate_with_parent() -> None:
+    """Linux: deliver SIGTERM to this rank when the process that spawned it dies. Without it, killing the launcher
+    (Ctrl-C twice, ``kill``) leaves the ranks and their vLLM engines running; with it they save a checkpoint and
+    exit, as on a preemption signal."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux/glibc: nothing to do
+        pass
+
+
 def rank_main(rank: int, cfg: Config, world_size: int, master_port: int, result_queue=None) -> None:
     """One rank: init, train, export, report (rank 0 puts a summary on ``result_queue``)."""
     import torch.distributed as dist
 
     from .loop import Trainer
+
+    _terminate_with_parent()
 
     init_rank(cfg, rank, world_size, "127.0.0.1", master_port)
     train, val = datasets_for(cfg)
