@@ -1,28 +1,41 @@
 """Activation and logits memory of one micro-batch, in bytes.
 
-Decoder layers: the accounting of Korthikanti et al., "Reducing Activation Recomputation in Large Transformer
-Models" (MLSys 2023, arXiv 2205.05198), section 4 and Table 2, with 16-bit activations. Per layer, for sequence
-length ``s``, micro-batch ``b``, hidden ``h``, heads ``a``, TP size ``t``, their GPT layer stores
+Method: Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models" (MLSys 2023, arXiv
+2205.05198), section 4: list every tensor a layer saves for its backward pass, then divide what tensor parallelism
+splits by ``t`` and what only sequence parallelism splits by ``t`` when it is on; selective recompute (core
+attention) and full recompute (only each layer's input kept) remove what they recompute. For their GPT layer with
+16-bit activations that gives the familiar per-layer closed forms (their Table 2):
 
-    sbh (10 + 24 / t + 5as / (ht))   bytes with TP,        sbh / t (34 + 5as / h)  with TP + sequence parallelism,
+    sbh (10 + 24 / t + 5as / (ht))   with TP,    sbh / t (34 + 5as / h)   with TP + sequence parallelism,
+    sbh (10 + 24 / t)                 TP + selective,                     2sbh   full recompute.
 
-where 10sbh (two norm inputs 4, the qkv and fc1 inputs 4, two 1-byte dropout masks 2) is what only sequence
-parallelism splits, 24sbh (Q and K 4, V 2, the attention-projection input 2, a 4h GeLU MLP 16) is split by TP, and
-5as^2b (softmax output 2, its dropout mask 1, the dropped-out probabilities 2) is the attention-score term. Selective
-recompute (Megatron's ``recompute_granularity="selective"``, core attention) drops the score term; full recompute
-(``"full"``, uniform, one layer per checkpoint) keeps only each layer's input, 2sbh (/ t with sequence
-parallelism), plus one layer's activations while that layer is recomputed in the backward pass.
+Our layers are not their GPT, so the same method is applied to what OUR modules save, measured tensor by tensor
+with ``torch.autograd.graph.saved_tensors_hooks`` (bf16, tests/distributed/test_planner_bytes.py checks these
+formulas against real layers at TP=1 and TP=2 with sequence parallelism). Per token, ``E`` = bytes per activation
+element (2 for bf16), ``h`` hidden, ``a`` heads, ``g`` KV heads, ``d`` head_dim, ``f`` MLP width, ``span`` keys
+each query sees:
 
-``layer_activation_bytes`` keeps that accounting and generalises the three places where Qwen2.5-VL differs from
-their GPT (with the paper's GPT as a special case, tested): the MLP is SwiGLU of width ``f`` (fc1 output ``2f``
-saved for the activation, 4sbf, and the fc2 input, 2sbf: 6sbf instead of 4sbf for GeLU), there is no dropout (no
-masks: 8sbh instead of 10sbh, and 2as^2b for the softmax output instead of 5as^2b), and grouped-query attention
-stays at 6sbh for Q, K and V because Megatron's local core attention expands K and V to every head before its
-batched matmuls.
-
-Pipeline parallelism (1F1B): stage ``i`` of ``p`` keeps the activations of ``min(p - i, micro-batches)``
-micro-batches (the first stage holds ``p`` micro-batches of ``layers / p`` layers: one micro-batch of the whole
-model), plus each in-flight micro-batch's output sent to the next stage (2sbh, / t with sequence parallelism).
+* Megatron decoder layer (local spec, as built by ``to_transformer_config``: RMSNorm, unfused SwiGLU, mrope, no
+  dropout). Split by sequence parallelism: the two norm inputs (``E h + 4`` each with a fused norm, TE or Apex:
+  the input and the fp32 rstd), the qkv and fc1 inputs (``E h`` each). Split by TP: Q, K and V after K and V are
+  expanded to every head (``3 E h``; the local core attention repeats KV groups before its matmuls), the softmax
+  output in fp32 and its bf16 copy (``(4 + E) a span``), the attention-projection input (``E h``) and SwiGLU's
+  ``5 E f`` (fc1 output 2f, SiLU output f, the linear half plus its offset f, fc2 input f). Not split: the rotary
+  cos/sin of q and k (``4 E d``) and one ``[s, s]`` bool causal mask per layer. Selective recompute keeps,
+  instead of Q, K, V, the scores and the mask, what its checkpoint saves: q (``E h``), k (``E g d``) and the fused
+  qkv output that v views (``E (h + 2 g d)``). Full recompute keeps each layer's input (``E h``, / t with SP)
+  and, once per stage, the fp32 rotary frequencies; the last stage also keeps the final norm's input. TE's fused
+  attention (GPU) would store less than the local core attention without recompute (no scores, no mask, no
+  expanded K/V), so without recompute the formula is an upper bound there; selective recompute checkpoints q, k,
+  v either way.
+* The vision tower (transformers' module, eager attention, never TP-split or recomputed), per patch and block:
+  two norms in fp32 (``4h + 4 + E h`` each: fp32 input, rstd, normalised bf16), the qkv input, q, k (``E h``
+  each) and the qkv output (``3 E h``), scores ``(4 + E) a span`` (full attention over the image in
+  ``fullatt_block_indexes``, windows otherwise), the projection and MLP inputs (``E h`` each) and its SwiGLU
+  ``4 E f``; once per image: the patch-embedding input, the fp32 rotary cos/sin (``8 d``) and the merger.
+* Pipeline parallelism (1F1B): stage ``i`` of ``p`` keeps the activations of ``min(p - i, micro-batches)``
+  micro-batches (the first stage holds ``p`` micro-batches of ``layers / p`` layers, and as many images' vision
+  activations), plus each in-flight micro-batch's output sent to the next stage (``E h`` per token, / t with SP).
 """
 from __future__ import annotations
 
@@ -36,76 +49,82 @@ def _check_recompute(recompute: str) -> None:
         raise ValueError(f"unknown recompute {recompute!r}; valid: {', '.join(RECOMPUTE_OPTIONS)}")
 
 
-def paper_gpt_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1, sequence_parallel: bool = False,
-                          recompute: str = "none") -> float:
-    """Korthikanti et al.'s closed forms for their GPT layer (Table 2), bytes per layer."""
-    _check_recompute(recompute)
-    scores = 0.0 if recompute == "selective" else 5 * a * s / h
-    if recompute == "full":
-        return 2 * s * b * h
-    if sequence_parallel:
-        return s * b * h / t * (34 + scores)
-    return s * b * h * (10 + 24 / t + scores / t)
-
-
-def layer_activation_bytes(seq: int, micro_batch: int, hidden: int, heads: int, ffn: int, tp: int = 1,
-                           sequence_parallel: bool = False, recompute: str = "none", gated: bool = True,
-                           dropout: bool = False, attention_span: Optional[int] = None,
-                           element_bytes: int = 2) -> float:
-    """Bytes one decoder layer stores for one micro-batch (see the module docstring).
+def layer_activation_bytes(seq: int, micro_batch: int, hidden: int, heads: int, kv_heads: int, ffn: int,
+                           tp: int = 1, sequence_parallel: bool = False, recompute: str = "none",
+                           element_bytes: int = 2, norm_bytes: Optional[float] = None) -> float:
+    """Bytes one Megatron decoder layer saves for its backward pass, for one micro-batch (module docstring).
 
     Args:
         seq, micro_batch: tokens per sequence ``s`` and sequences ``b``.
-        hidden, heads, ffn: ``h``, ``a`` and the MLP width ``f``.
-        tp, sequence_parallel: TP size and whether sequence parallelism splits the norm/dropout regions.
-        recompute: ``none`` / ``selective`` / ``full`` (the stored part; ``full_recompute_working_bytes`` is the rest).
-        gated: SwiGLU (True) or a GeLU MLP (False). ``dropout``: whether dropout masks are stored.
-        attention_span: keys each query attends to (default ``seq``: full attention; a window size for windowed
-            attention); only the score term depends on it.
-        element_bytes: bytes per activation element (2 for bf16/fp16; the paper's numbers assume 2).
+        hidden, heads, kv_heads, ffn: ``h``, ``a``, ``g`` and the MLP width ``f`` (``d = h / a``).
+        tp, sequence_parallel: TP size and whether sequence parallelism splits the norm regions.
+        recompute: ``none`` / ``selective`` / ``full`` (the stored part; ``full_recompute_working_bytes`` is the
+            layer rebuilt during the backward pass).
+        element_bytes: bytes per activation element (2 for bf16/fp16, 4 for fp32).
+        norm_bytes: bytes one RMSNorm saves per token; default ``E h + 4`` (a fused norm: TE or Apex). Torch's
+            fallback norm (CPU, no Apex) saves two fp32 copies: ``8 h + 4``.
     """
     _check_recompute(recompute)
-    s, b, h, a, f = seq, micro_batch, hidden, heads, ffn
-    unit = element_bytes / 2  # the formulas count 16-bit elements as 2 bytes and masks as 1
+    s, b, h, a, g, f, e = seq, micro_batch, hidden, heads, kv_heads, ffn, element_bytes
+    d = h // a
+    sp_split = tp if sequence_parallel else 1
     if recompute == "full":
-        return 2 * s * b * h * unit / (tp if sequence_parallel else 1)
-    span = s if attention_span is None else attention_span
-    sp_region = (8 + (2 if dropout else 0)) * h  # norm inputs 4h, qkv/fc1 inputs 4h, dropout masks 2h
-    tp_region = 8 * h + (6 if gated else 4) * f  # Q, K, V, proj input 8h; MLP 6f (SwiGLU) or 4f (GeLU)
-    scores = 0 if recompute == "selective" else (5 if dropout else 2) * a * span
-    per_token = sp_region / (tp if sequence_parallel else 1) + (tp_region + scores) / tp
-    return s * b * per_token * unit
+        return s * b * e * h / sp_split
+    norm = e * h + 4 if norm_bytes is None else norm_bytes
+    sp_region = 2 * norm + 2 * e * h  # two norm inputs, the qkv and fc1 inputs
+    if recompute == "selective":
+        attention = e * h + e * g * d + e * (h + 2 * g * d)  # the checkpoint's q, k and the qkv output v views
+        mask = 4  # no mask; the checkpoint keeps one int32 scalar
+    else:
+        attention = 3 * e * h + (4 + e) * a * s  # Q, K, V expanded to every head; fp32 softmax + its bf16 copy
+        mask = s * s  # one [s, s] bool causal mask per layer
+    tp_region = attention + e * h + 5 * e * f  # + the projection input + SwiGLU
+    rotary = 4 * e * d
+    return s * b * (sp_region / sp_split + tp_region / tp + rotary) + mask
 
 
-def full_recompute_working_bytes(seq: int, micro_batch: int, hidden: int, heads: int, ffn: int, tp: int = 1,
-                                 sequence_parallel: bool = False, gated: bool = True, element_bytes: int = 2) -> float:
+def decoder_block_extra_bytes(seq: int, micro_batch: int, hidden: int, heads: int, tp: int = 1,
+                              sequence_parallel: bool = False, recompute: str = "none", final_norm: bool = False,
+                              element_bytes: int = 2, norm_bytes: Optional[float] = None) -> float:
+    """What a stage's decoder saves besides its layers: the final norm's input on the last stage
+    (``norm_bytes`` per token, split by sequence parallelism) and, with full recompute, the fp32 rotary
+    frequencies ``[s, b, 1, d]`` the checkpoints keep (once per stage)."""
+    _check_recompute(recompute)
+    s, b, h = seq, micro_batch, hidden
+    norm = element_bytes * h + 4 if norm_bytes is None else norm_bytes
+    extra = s * b * norm / (tp if sequence_parallel else 1) if final_norm else 0.0
+    if recompute == "full":
+        extra += s * b * (h // heads) * 4
+    return extra
+
+
+def vision_activation_bytes(patches: int, images: int, hidden: int, heads: int, ffn: int, depth: int,
+                            full_attention_blocks: int, window_patches: int, patch_input: int,
+                            element_bytes: int = 2) -> int:
+    """Bytes the vision tower (transformers' module, eager attention, no TP, no recompute) saves for ``images``
+    images of ``patches`` patches each in the update pass (module docstring; measured exactly on CPU in bf16)."""
+    h, a, f, e = hidden, heads, ffn, element_bytes
+    norm = 4 * h + 4 + e * h  # fp32 input, rstd, the normalised bf16 the weight multiplies
+    per_patch = 0
+    for block in range(depth):
+        span = patches if block < full_attention_blocks else min(window_patches, patches)
+        per_patch += 2 * norm + e * h * (1 + 2 + 3 + 1 + 1) + (4 + e) * a * span + 4 * e * f
+    rotary = 8 * (h // a)  # fp32 cos and sin, shared by every block
+    merger = norm + 3 * e * h  # ln_q, then the inputs of its two linears and its GeLU (p/4 rows of 4h)
+    per_patch += e * patch_input + rotary + merger
+    return images * patches * per_patch
+
+
+def full_recompute_working_bytes(seq: int, micro_batch: int, hidden: int, heads: int, kv_heads: int, ffn: int,
+                                 tp: int = 1, sequence_parallel: bool = False, element_bytes: int = 2) -> float:
     """The extra memory of full recompute: one layer's activations, rebuilt during its backward pass."""
-    return layer_activation_bytes(seq, micro_batch, hidden, heads, ffn, tp, sequence_parallel, "none", gated,
-                                  element_bytes=element_bytes)
+    return layer_activation_bytes(seq, micro_batch, hidden, heads, kv_heads, ffn, tp, sequence_parallel, "none",
+                                  element_bytes)
 
 
 def in_flight_micro_batches(pp: int, stage: int, micro_batches: int) -> int:
     """Micro-batches whose activations stage ``stage`` holds at once under 1F1B."""
     return max(1, min(pp - stage, micro_batches))
-
-
-def vision_activation_bytes(patches: int, images: int, hidden: int, heads: int, ffn: int, depth: int,
-                            full_attention_blocks: int, window_patches: int, element_bytes: int = 2) -> float:
-    """Approximate bytes the vision tower (transformers' module, no TP, no recompute) stores for ``images``
-    images of ``patches`` patches each in the update pass.
-
-    Per block the layer formula above with ``s = patches``, SwiGLU, no dropout, TP = 1, plus what transformers'
-    eager attention adds: the softmax runs in fp32 and is cast back (6 bytes per score instead of 2) and the rotary
-    embedding works on fp32 copies of Q and K (8 bytes per patch per hidden unit). ``full_attention_blocks``
-    attend over the whole image, the others over windows of ``window_patches``. The merger is not counted.
-    """
-    total = 0.0
-    for block in range(depth):
-        span = patches if block < full_attention_blocks else min(window_patches, patches)
-        linear = layer_activation_bytes(patches, images, hidden, heads, ffn, recompute="selective",
-                                        element_bytes=element_bytes)
-        total += linear + images * patches * (6 * heads * span + 8 * hidden)
-    return total
 
 
 def stacked_logits_bytes(rows: int, seq: int, vocab_shard: int, element_bytes: int) -> int:
@@ -120,28 +139,33 @@ def update_logits_bytes(micro_batch: int, seq: int, vocab_shard: int, element_by
 
 
 def scoring_logits_bytes(micro_batch: int, seq: int, vocab_shard: int, element_bytes: int, estimator: str,
-                         chunk_tokens: int, default_chunk_bytes: int = 4 << 20) -> int:
-    """Last stage, scoring pass (no gradient): peak bytes of the stacked image + text-only logits.
+                         chunk_tokens: int, text_only_pass: bool = True, default_chunk_bytes: int = 4 << 20) -> int:
+    """Last stage, scoring pass (no gradient): peak bytes of the logits.
 
-    The pass carries ``2b`` rows (``policy._stack_variants``). GPTModel returns ``transpose(0, 1).contiguous()`` of
-    its ``[s, 2b, V/TP]`` output, so both exist at once (2 x stacked). The vocab-parallel reductions then copy
-    one half at a time (slicing off the last position) and work in fp32 chunks: two ``[chunk, V/TP]`` fp32 buffers,
-    ``chunk = algorithm.pgpo.kl_chunk_tokens`` for the exact KL and ~4 MiB per buffer for log-probs / entropy; the
-    exact estimator also keeps a re-aligned copy of the text-only half and copies both halves.
+    With the text-only pass (PGPO, or ``algorithm.monitor_visual_dependency``) the pass carries ``2b`` rows, image
+    then text-only (``policy._stack_variants``); GRPO/DAPO run the ``b`` image rows only. GPTModel returns
+    ``transpose(0, 1).contiguous()`` of its ``[s, rows, V/TP]`` output, so both exist at once (2 x logits). The
+    vocab-parallel reductions then copy one half at a time (slicing off the last position) and work in fp32
+    chunks: two ``[chunk, V/TP]`` fp32 buffers, ``chunk = algorithm.pgpo.kl_chunk_tokens`` for the exact KL and
+    ~4 MiB per buffer for log-probs / entropy; the exact estimator also keeps a re-aligned copy of the text-only
+    half and copies both halves.
     """
-    stacked = stacked_logits_bytes(2 * micro_batch, seq, vocab_shard, element_bytes)
+    rows = 2 * micro_batch if text_only_pass else micro_batch
+    stacked = stacked_logits_bytes(rows, seq, vocab_shard, element_bytes)
     half = stacked // 2
-    if estimator == "exact":
+    if text_only_pass and estimator == "exact":
         workspace = 2 * min(chunk_tokens, micro_batch * seq) * vocab_shard * 4
         reduction = stacked + 3 * half + workspace
     else:
         workspace = 2 * max(default_chunk_bytes, 4 * 4 * vocab_shard)
-        reduction = stacked + half + workspace
+        reduction = stacked + (half if text_only_pass else stacked) + workspace
     return max(2 * stacked, reduction)
 
 
-def unchunked_scoring_logits_bytes(micro_batch: int, seq: int, vocab_shard: int, element_bytes: int) -> int:
-    """The same pass with a plain fp32 log-softmax of the stacked logits: the logits plus
-    ``2 x b x s x V/TP x 4`` bytes (what chunking avoids)."""
-    stacked = stacked_logits_bytes(2 * micro_batch, seq, vocab_shard, element_bytes)
-    return max(2 * stacked, stacked + stacked_logits_bytes(2 * micro_batch, seq, vocab_shard, 4))
+def unchunked_scoring_logits_bytes(micro_batch: int, seq: int, vocab_shard: int, element_bytes: int,
+                                   text_only_pass: bool = True) -> int:
+    """The same pass with a plain fp32 log-softmax of all its rows: the logits plus ``rows x s x V/TP x 4`` bytes
+    (``2 x b x s x V/TP x 4`` with the text-only pass): what the chunked reductions avoid."""
+    rows = 2 * micro_batch if text_only_pass else micro_batch
+    stacked = stacked_logits_bytes(rows, seq, vocab_shard, element_bytes)
+    return max(2 * stacked, stacked + stacked_logits_bytes(rows, seq, vocab_shard, 4))

@@ -19,7 +19,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "examples" / "hf_configs"
 #: The paper's recipe (PGPO_SPEC.md section 4), used for whatever neither a flag nor --config sets.
 DEFAULTS: Dict[str, Any] = dict(
     prompt_length=4096, response_length=2048, rollout_batch_size=384, n=5, global_batch_size=128,
-    micro_batch_size=2, max_pixels=1003520, estimator="k3", kl_chunk_tokens=1024, dtype="bf16",
+    micro_batch_size=2, max_pixels=1003520, estimator="k3", kl_chunk_tokens=1024, text_only_pass=True, dtype="bf16",
     recompute="selective", sequence_parallel=None, distributed_optimizer=True, train_vision_tower=True,
     gpu_memory_utilization=0.5, rollout_tp=None, tp=None, pp=None, make_vocab_size_divisible_by=128,
 )
@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="model dtype (default bf16)")
     p.add_argument("--estimator", choices=("k3", "exact"), help="algorithm.pgpo.estimator (default k3)")
     p.add_argument("--kl-chunk-tokens", type=int, help="algorithm.pgpo.kl_chunk_tokens (default 1024)")
+    p.add_argument("--no-text-only-pass", dest="text_only_pass", action="store_false", default=None,
+                   help="GRPO/DAPO: the scoring pass runs the image rows only (default: PGPO's image + text-only)")
     p.add_argument("--gpu-memory-utilization", type=float, help="vLLM's share of each GPU (default 0.5)")
     p.add_argument("--reserve-gib", type=float, default=2.0,
                    help="per-GPU reserve for CUDA context, NCCL and fragmentation (default 2)")
@@ -71,7 +73,11 @@ def _from_run_config(path: str) -> Dict[str, Any]:
         cfg = load_config(path, [])
     except ConfigError as exc:
         raise SystemExit(f"config error: {exc}") from None
+    from ..algorithms import ADVANTAGE_SHAPERS
+
     par, model, r, d, t = cfg.parallel, cfg.model, cfg.rollout, cfg.data, cfg.trainer
+    shaper = ADVANTAGE_SHAPERS.get(cfg.algorithm.advantage)  # as the loop decides whether to run the text-only pass
+    text_only = bool(getattr(shaper, "uses_visual_dependency", False) or cfg.algorithm.monitor_visual_dependency)
     return dict(tp=par.tensor_model_parallel_size, pp=par.pipeline_model_parallel_size,
                 rollout_tp=par.rollout_tensor_parallel_size, sequence_parallel=par.sequence_parallel,
                 distributed_optimizer=par.use_distributed_optimizer, dtype=model.dtype, recompute=model.recompute,
@@ -81,7 +87,7 @@ def _from_run_config(path: str) -> Dict[str, Any]:
                 rollout_batch_size=d.rollout_batch_size, prompt_length=d.max_prompt_length,
                 max_pixels=d.max_pixels, global_batch_size=t.global_batch_size,
                 micro_batch_size=t.micro_batch_size, estimator=cfg.algorithm.pgpo.estimator,
-                kl_chunk_tokens=cfg.algorithm.pgpo.kl_chunk_tokens)
+                kl_chunk_tokens=cfg.algorithm.pgpo.kl_chunk_tokens, text_only_pass=text_only)
 
 
 def resolve(args: argparse.Namespace) -> Dict[str, Any]:
@@ -145,7 +151,7 @@ def run_plan(args: argparse.Namespace) -> int:
                         rollout_batch_size=values["rollout_batch_size"], n=values["n"],
                         micro_batch_size=values["micro_batch_size"], global_batch_size=values["global_batch_size"],
                         max_pixels=values["max_pixels"], estimator=values["estimator"],
-                        kl_chunk_tokens=values["kl_chunk_tokens"])
+                        kl_chunk_tokens=values["kl_chunk_tokens"], text_only_pass=values["text_only_pass"])
     options = Options(gpus=args.gpus, gpu_memory_gib=args.gpu_memory_gib,
                       gpu_memory_utilization=values["gpu_memory_utilization"], reserve_gib=args.reserve_gib,
                       recompute=values["recompute"], sequence_parallel=values["sequence_parallel"],
@@ -165,6 +171,8 @@ def run_plan(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         print_report(rec, shape, name)
+        if meta_ok is not None:
+            _print_meta_check(document["meta_check"], meta_ok)
     if meta_ok is False:
         return 1
     return 0 if rec.best is not None else 1
@@ -176,17 +184,18 @@ def _meta_check(source: str, shape, rec, values: Dict[str, Any], quiet: bool):
     plan = rec.best or rec.closest or rec.plans[0]
     tp, pp = plan.layout.tp, plan.layout.pp
     if not quiet:
-        print(f"meta-device check: building the {pp} stage(s) of TP={tp} PP={pp} (TP ranks 0 and {tp - 1}) ...",
-              flush=True)
+        print(f"meta-device check: building the {pp} stage(s) of TP={tp} PP={pp} (TP ranks {sorted({0, tp - 1})}) "
+              "in a child process ...", flush=True)
     checks = check_layout(source, shape, tp, pp, tp_ranks=sorted({0, tp - 1}), dtype=values["dtype"],
                           make_vocab_size_divisible_by=values["make_vocab_size_divisible_by"])
     rows = [dict(stage=c.stage, tp_rank=c.tp_rank, built=c.built, predicted=c.predicted, ok=c.ok,
                  first_difference=c.first_difference) for c in checks]
-    ok = all(c.ok for c in checks)
-    if not quiet:
-        for r in rows:
-            status = "equal" if r["ok"] else f"MISMATCH {r['first_difference'] or ''}"
-            print(f"  stage {r['stage']} TP rank {r['tp_rank']}: meta build {r['built']:,}, formula "
-                  f"{r['predicted']:,}: {status}")
-        print("meta-device check: PASS" if ok else "meta-device check: FAIL")
-    return ok, rows
+    return all(c.ok for c in checks), rows
+
+
+def _print_meta_check(rows, ok: bool) -> None:
+    for r in rows:
+        status = "equal" if r["ok"] else f"MISMATCH {r['first_difference'] or ''}"
+        print(f"  stage {r['stage']} TP rank {r['tp_rank']}: meta build {r['built']:,} parameters, formula "
+              f"{r['predicted']:,}: {status}")
+    print("meta-device check: PASS" if ok else "meta-device check: FAIL")

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ..models.qwen2_5_vl.hf_config import padded_vocab_size
-from .activations import (full_recompute_working_bytes, in_flight_micro_batches, layer_activation_bytes,
-                          scoring_logits_bytes, unchunked_scoring_logits_bytes, update_logits_bytes,
-                          vision_activation_bytes)
+from .activations import (decoder_block_extra_bytes, full_recompute_working_bytes, in_flight_micro_batches,
+                          layer_activation_bytes, scoring_logits_bytes, unchunked_scoring_logits_bytes,
+                          update_logits_bytes, vision_activation_bytes)
 from .buffers import dtype_bytes, training_state_bytes
 from .model_size import ModelShape, VisionDims, hf_parameter_count, layers_per_stage, stage_tensors
 
@@ -43,6 +43,7 @@ class Workload:
     global_batch_size: Optional[int] = None  # prompts per optimizer update (None: rollout_batch_size)
     max_pixels: int = 1003520  # data.max_pixels: every image is taken at this size (the worst case)
     estimator: str = "k3"  # algorithm.pgpo.estimator
+    text_only_pass: bool = True  # PGPO (or monitor_visual_dependency): the scoring pass also runs text-only rows
     kl_chunk_tokens: int = 1024  # algorithm.pgpo.kl_chunk_tokens
 
     @property
@@ -188,12 +189,14 @@ def stage_memory(shape: ModelShape, layout: Layout, workload: Workload, stage: i
     state = training_state_bytes(tensors, layout.dtype, layout.dp, layout.distributed_optimizer,
                                  train_vision_tower=layout.train_vision_tower)
     s, b = workload.seq_length, workload.micro_batch_size
-    layer_args = dict(seq=s, micro_batch=b, hidden=t.hidden_size, heads=t.num_heads, ffn=t.ffn_hidden_size, tp=tp,
-                      sequence_parallel=sp, element_bytes=element)
+    layer_args = dict(seq=s, micro_batch=b, hidden=t.hidden_size, heads=t.num_heads, kv_heads=t.num_kv_heads,
+                      ffn=t.ffn_hidden_size, tp=tp, sequence_parallel=sp, element_bytes=element)
     in_flight = in_flight_micro_batches(pp, stage, micro_batches)
     per_micro_batch = layers_per_stage(t, pp) * layer_activation_bytes(recompute=layout.recompute, **layer_args)
     if stage < pp - 1:  # the output kept for the next stage until the backward pass
         per_micro_batch += s * b * t.hidden_size * element / (tp if sp else 1)
+    per_micro_batch += decoder_block_extra_bytes(s, b, t.hidden_size, t.num_heads, tp, sp, layout.recompute,
+                                                 final_norm=stage == pp - 1, element_bytes=element)
     activations = in_flight * per_micro_batch
     if layout.recompute == "full":
         activations += full_recompute_working_bytes(**layer_args)
@@ -201,13 +204,14 @@ def stage_memory(shape: ModelShape, layout: Layout, workload: Workload, stage: i
     if stage == 0 and layout.train_vision_tower:
         vision = vision_activation_bytes(image_patches(v, workload.max_pixels), in_flight * b,
                                          v.hidden_size, v.num_heads, v.ffn_hidden_size, v.depth,
-                                         v.full_attention_blocks, v.window_patches, element)
+                                         v.full_attention_blocks, v.window_patches, v.patch_input, element)
     update_logits = scoring = unchunked = 0
     if stage == pp - 1:
         vocab_shard = padded_vocab_size(t.vocab_size, layout.make_vocab_size_divisible_by, tp) // tp
         update_logits = update_logits_bytes(b, s, vocab_shard, element)
-        scoring = scoring_logits_bytes(b, s, vocab_shard, element, workload.estimator, workload.kl_chunk_tokens)
-        unchunked = unchunked_scoring_logits_bytes(b, s, vocab_shard, element)
+        scoring = scoring_logits_bytes(b, s, vocab_shard, element, workload.estimator, workload.kl_chunk_tokens,
+                                       workload.text_only_pass)
+        unchunked = unchunked_scoring_logits_bytes(b, s, vocab_shard, element, workload.text_only_pass)
     return StageMemory(stage=stage, parameters=sum(x.numel for x in tensors), weights=state.weights,
                        grads=state.grads, optimizer=state.optimizer, activations=int(activations),
                        vision_activations=int(vision), update_logits=update_logits, scoring_logits=scoring,

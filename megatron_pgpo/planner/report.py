@@ -116,7 +116,8 @@ def print_report(rec: Recommendation, shape: ModelShape, model_name: str, consol
                   f"multiple of {lay.make_vocab_size_divisible_by} x TP)")
     console.print(f"workload: prompt {w.prompt_length} + response {w.response_length} tokens, rollout batch "
                   f"{w.rollout_batch_size} x n={w.n}, images up to {w.max_pixels:,} pixels, {lay.dtype}, "
-                  f"recompute={lay.recompute}, distributed optimizer={lay.distributed_optimizer}")
+                  f"recompute={lay.recompute}, distributed optimizer={lay.distributed_optimizer}, scoring pass: "
+                  + ("image + text-only rows" if w.text_only_pass else "image rows only"))
     if len(rec.plans) > 1:
         console.print(_layouts_table(rec.plans, rec.best))
     title = ("recommended" if rec.best else "closest, at micro-batch 1" if len(rec.plans) > 1 else

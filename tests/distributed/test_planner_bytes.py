@@ -124,3 +124,57 @@ def test_bytes_at_pp2_with_tied_embeddings(workers, config_dirs):
                      1, 2)
     stage1 = results[1][0]
     assert stage1["tensors"][-1][0] == "language_model.output_layer.weight" and stage1["tensors"][-1][2]
+
+
+# --------------------------------------------------------------------------------------------- activations
+def _decoder_saved_bytes(config_dir, seq, batch):
+    """Bytes the stage's decoder saves for backward (autograd's saved tensors, once per storage, parameters
+    excluded) for each recompute mode, bf16, sequence parallel when TP > 1."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from megatron_pgpo.models.qwen2_5_vl.model import build_model
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    out = {}
+    for recompute in ("none", "selective", "full"):
+        model = build_model(config_dir, tp=tp, dtype="bf16", sequence_parallel=tp > 1, recompute=recompute).train()
+        lm = model.language_model
+        torch.manual_seed(0)
+        hidden = torch.randn(seq // tp if tp > 1 else seq, batch, lm.config.hidden_size, dtype=torch.bfloat16,
+                             requires_grad=True)
+        rotary = lm.rotary_pos_emb(torch.arange(seq)[None, None, :].expand(3, batch, seq), lm.mrope_section)
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in weights:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            lm.decoder(hidden, attention_mask=None, rotary_pos_emb=rotary)
+        out[recompute] = (sum(saved.values()), len(lm.decoder.layers))
+    return out
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_activation_bytes_equal_what_megatron_saves(workers, config_dirs, tp):
+    """The decoder-layer formula of planner/activations.py against a real Megatron decoder (local spec, bf16) at
+    TP=1 and TP=2 with sequence parallelism, no / selective / full recompute. On CPU Megatron falls back to torch's
+    RMSNorm, which saves two fp32 copies of its input (8h + 4 bytes per token) instead of a fused norm's 2h + 4."""
+    from megatron_pgpo.models.qwen2_5_vl.hf_config import load_hf_config
+    from megatron_pgpo.planner.activations import decoder_block_extra_bytes, layer_activation_bytes
+
+    seq, batch = 128, 2
+    t = load_hf_config(config_dirs / "tiny").text_config
+    h = t.hidden_size
+    results = workers.run(_decoder_saved_bytes, str(config_dirs / "tiny"), seq, batch, tp=tp)
+    for recompute, (measured, layers) in results[0].items():
+        args = (seq, batch, h, t.num_attention_heads)
+        predicted = layers * layer_activation_bytes(*args, t.num_key_value_heads, t.intermediate_size, tp, tp > 1,
+                                                    recompute, norm_bytes=8 * h + 4)
+        predicted += decoder_block_extra_bytes(*args, tp, tp > 1, recompute, final_norm=True, norm_bytes=8 * h + 4)
+        assert measured == predicted, (recompute, measured, predicted)
+    assert results[0]["full"][0] < results[0]["selective"][0] < results[0]["none"][0]

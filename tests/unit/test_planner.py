@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from megatron_pgpo.models.qwen2_5_vl.hf_config import padded_vocab_size
-from megatron_pgpo.planner.activations import (layer_activation_bytes, paper_gpt_layer_bytes,
-                                               scoring_logits_bytes, unchunked_scoring_logits_bytes)
+from megatron_pgpo.planner.activations import (layer_activation_bytes, scoring_logits_bytes,
+                                               unchunked_scoring_logits_bytes)
 from megatron_pgpo.planner.buffers import ddp_buffer_layout, optimizer_shard_numel, training_state_bytes
 from megatron_pgpo.planner.model_size import (ModelShape, TensorSpec, hf_parameter_count, megatron_parameter_count,
                                               stage_parameter_count, stage_tensors)
@@ -124,23 +124,55 @@ def test_buffer_padding_by_hand():
     assert ddp_buffer_layout(shared, 1, True).buckets == ((0, 128), (128, 256), (256, 384))
 
 
-@pytest.mark.parametrize("sp", [False, True])
-@pytest.mark.parametrize("recompute", ["none", "selective"])
-def test_layer_activations_reduce_to_the_paper(sp, recompute):
-    s, b, h, a, t = 2048, 4, 4096, 32, 4
-    ours = layer_activation_bytes(s, b, h, a, 4 * h, t, sp, recompute, gated=False, dropout=True)
-    assert ours == pytest.approx(paper_gpt_layer_bytes(s, b, h, a, t, sp, recompute), rel=1e-12)
-    assert layer_activation_bytes(s, b, h, a, 4 * h, t, False, "full", gated=False, dropout=True) == \
-        paper_gpt_layer_bytes(s, b, h, a, t, False, "full") == 2 * s * b * h
-
-
 def test_qwen_layer_activations_by_hand():
-    """SwiGLU, no dropout, TP=2 with SP: per token 8h/2 + (8h + 6f + 2as)/2 bytes."""
-    s, b, h, a, f = 1024, 2, 4096, 32, 11008
-    per_token = 4 * h + 4 * h + 3 * f + a * s
-    assert layer_activation_bytes(s, b, h, a, f, 2, True, "none") == s * b * per_token == 201_850_880
-    assert layer_activation_bytes(s, b, h, a, f, 2, True, "selective") == s * b * (8 * h + 3 * f)
-    assert layer_activation_bytes(s, b, h, a, f, 2, True, "full") == s * b * h
+    """s=1024, b=2, h=4096, a=32, g=8 (d=128), f=11008, TP=2 with sequence parallelism, bf16 (module docstring):
+    SP-split 2 x (2h + 4) + 2 x 2h; TP-split without recompute 3 x 2h + 6as + 2h + 10f, with selective recompute
+    2h + 2gd + 2(h + 2gd) + 2h + 10f; unsplit 8d per token, plus the [s, s] mask (none) or an int32 (selective)."""
+    s, b, h, a, g, f, d = 1024, 2, 4096, 32, 8, 11008, 128
+    sp_split = (2 * (2 * h + 4) + 2 * 2 * h) / 2
+    none = s * b * (sp_split + (3 * 2 * h + 6 * a * s + 2 * h + 10 * f) / 2 + 8 * d) + s * s
+    selective = s * b * (sp_split + (2 * h + 2 * g * d + 2 * (h + 2 * g * d) + 2 * h + 10 * f) / 2 + 8 * d) + 4
+    assert none == 384_311_296 and selective == 179_838_980
+    assert layer_activation_bytes(s, b, h, a, g, f, 2, True, "none") == none
+    assert layer_activation_bytes(s, b, h, a, g, f, 2, True, "selective") == selective
+    assert layer_activation_bytes(s, b, h, a, g, f, 2, True, "full") == s * b * h  # the SP-split bf16 input
+    assert layer_activation_bytes(s, b, h, a, g, f, 2, False, "full") == 2 * s * b * h
+
+
+@pytest.mark.parametrize("images", [1, 2])
+def test_vision_activations_equal_what_the_tower_saves(images):
+    """The tiny preset's vision tower (transformers, eager attention, bf16, training mode) on 16 x 16-patch images:
+    every tensor autograd saves for backward, counted once per storage, parameters excluded."""
+    import torch
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    from megatron_pgpo.models.qwen2_5_vl.tiny import tiny_hf_config
+    from megatron_pgpo.planner.activations import vision_activation_bytes
+    from megatron_pgpo.planner.model_size import VisionDims
+
+    config = tiny_hf_config("tiny")
+    vision = config.vision_config
+    vision._attn_implementation = "eager"
+    torch.manual_seed(0)
+    tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision, dtype=torch.bfloat16).train()
+    v = VisionDims.from_hf(config)
+    patches = 16 * 16
+    pixels = torch.randn(images * patches, v.patch_input, dtype=torch.bfloat16)
+    weights = {p.untyped_storage().data_ptr() for p in tower.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        tower(pixels, grid_thw=torch.tensor([[1, 16, 16]] * images))
+    index_tensors = 2 * (patches // 4) * images * 8  # two int64 window-order indices per merged token
+    predicted = vision_activation_bytes(patches, images, v.hidden_size, v.num_heads, v.ffn_hidden_size, v.depth,
+                                        v.full_attention_blocks, v.window_patches, v.patch_input)
+    assert sum(saved.values()) == predicted + index_tensors
 
 
 def test_logits_terms_by_hand():
@@ -150,6 +182,9 @@ def test_logits_terms_by_hand():
     assert scoring_logits_bytes(b, s, v, 2, "k3", 1024) == 2 * stacked  # the transposed copy dominates
     exact = scoring_logits_bytes(b, s, v, 2, "exact", 1024)
     assert exact == stacked + 3 * stacked // 2 + 2 * 1024 * v * 4
+    # GRPO/DAPO: no text-only rows; the logits, one flattened copy and two 4 MiB fp32 buffers
+    assert scoring_logits_bytes(b, s, v, 2, "k3", 1024, text_only_pass=False) == stacked + 2 * (4 << 20)
+    assert unchunked_scoring_logits_bytes(b, s, v, 2, text_only_pass=False) == stacked // 2 + b * s * v * 4
 
 
 def test_memory_plan_by_hand(shapes):
@@ -172,9 +207,10 @@ def test_memory_plan_by_hand(shapes):
     assert plan.micro_batches_per_update == 160
     h = 8192
     per_layer_input = 6144 * h * 2 // 8  # full recompute keeps each layer's SP-sharded input
-    working = layer_activation_bytes(6144, 1, h, 64, 29568, 8, True, "none")
+    working = layer_activation_bytes(6144, 1, h, 64, 8, 29568, 8, True, "none")
     sent = 6144 * h * 2 // 8
-    assert mid.activations == int((8 - 3) * (10 * per_layer_input + sent) + working)
+    rotary_frequencies = 6144 * 128 * 4  # kept once per stage by the checkpoints
+    assert mid.activations == int((8 - 3) * (10 * per_layer_input + sent + rotary_frequencies) + working)
 
 
 # ------------------------------------------------------------------------------------------------ recommender
@@ -202,7 +238,16 @@ def test_recommender_prefers_the_smallest_model_parallel_layout_that_fits(shapes
     smallest = min(p.layout.tp * p.layout.pp for p in fitting)
     assert rec.best.layout.tp * rec.best.layout.pp == smallest
     assert rec.best.headroom == max(p.headroom for p in fitting if p.layout.tp * p.layout.pp == smallest)
-    assert rec.micro_batch_size >= 2
+    # the micro-batch is the largest power of two that still fits the chosen layout
+    from megatron_pgpo.planner.recommend import plan_layout
+
+    mb, lay = rec.micro_batch_size, rec.best.layout
+    assert rec.best.workload.micro_batch_size == mb
+    bigger = plan_layout(shapes["7b"], _workload(max_pixels=200_704, micro_batch_size=2 * mb),
+                         _options(gpus=8, recompute="full"), lay.tp, lay.pp)
+    assert not bigger.fits
+    if mb < 2:
+        assert rec.notes == [f"nothing fits at micro-batch 2; the largest that fits is {mb}"]
 
 
 def test_a_plan_that_cannot_fit_says_why(shapes):
@@ -257,6 +302,16 @@ def test_cli_reads_a_run_config_and_reports_a_misfit(capsys):
     assert (plan["layout"]["tp"], plan["layout"]["pp"], plan["layout"]["recompute"]) == (8, 4, "full")
     assert plan["workload"]["micro_batch_size"] == 2 and plan["workload"]["n"] == 5
     assert code == 1 and doc["fits"] is False and doc["notes"] and doc["closest"]["problems"]
+    assert plan["workload"]["text_only_pass"] is True  # PGPO
+
+
+def test_cli_grpo_config_has_no_text_only_rows(capsys, tmp_path):
+    from megatron_pgpo.cli import main
+
+    grpo = tmp_path / "grpo.yaml"
+    grpo.write_text(Path("examples/qwen2_5_vl_7b_pgpo.yaml").read_text().replace("advantage: pgpo", "advantage: grpo"))
+    main(["plan", "--model", "7b", "--config", str(grpo), "--gpus", "8", "--json"])
+    assert json.loads(capsys.readouterr().out)["plans"][0]["workload"]["text_only_pass"] is False
 
 
 @pytest.mark.parametrize("argv, message", [
