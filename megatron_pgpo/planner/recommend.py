@@ -4,9 +4,10 @@ Valid layouts (what ``validate_parallel_layout`` and Megatron accept): TP <= 8 (
 the attention heads, the KV heads and the MLP width; PP dividing the language layers (even split); TP x PP
 dividing the GPU count; DP = GPUs / (TP x PP). Sequence parallelism is on whenever TP > 1 unless told otherwise.
 
-The vLLM engine's TP (``rollout_tp``), unless given, is the smallest of 1, 2, 4, 8 that divides the attention heads,
-is compatible with the KV heads, fits in one model replica (<= TP x PP) and leaves vLLM room for at least one
-sequence's KV cache.
+The vLLM engine's TP (``rollout_tp``), unless given, is chosen among 1, 2, 4, 8 (dividing the attention heads,
+compatible with the KV heads, within one model replica: <= TP x PP): the one whose KV cache needs the fewest
+generation waves for its share of a rollout step, the smallest on a tie (vLLM's share of the GPU is fixed by
+``gpu_memory_utilization``, so a larger rollout TP only leaves more of it to the KV cache).
 
 Choice: among the layouts that fit (``memory.estimate`` reports no problem) the smallest TP x PP wins (more data
 parallelism, less communication per token), ties broken by the most headroom. The micro-batch is the given one
@@ -90,7 +91,7 @@ def plan_layout(shape: ModelShape, workload: Workload, options: Options, tp: int
         return estimate(shape, base, workload, **mem)
     plans = [estimate(shape, replace(base, rollout_tp=r), workload, **mem)
              for r in _rollout_tp_candidates(shape, tp, pp) or [1]]
-    return next((p for p in plans if p.rollout.waves is not None), plans[-1])
+    return min(plans, key=lambda p: (p.rollout.waves is None, p.rollout.waves or 0, p.layout.rollout_tp))
 
 
 def _choose(plans: List[MemoryPlan]) -> Optional[MemoryPlan]:
@@ -170,17 +171,18 @@ def suggestions(shape: ModelShape, plan: MemoryPlan, options: Options) -> List[s
             out.append(f"{what}: fits with {p.headroom / GIB:.1f} GiB headroom")
 
     if lay.recompute != "full":
-        tried("--recompute full", replace(options, recompute="full"))
+        tried("--recompute full (model.recompute)", replace(options, recompute="full"))
     if not lay.distributed_optimizer:
-        tried("parallel.use_distributed_optimizer=true", replace(options, distributed_optimizer=True))
+        tried("without --no-distributed-optimizer (parallel.use_distributed_optimizer=true)",
+              replace(options, distributed_optimizer=True))
     if lay.train_vision_tower:
-        tried("model.train_vision_tower=false (no vision gradients, optimizer state or activations)",
-              replace(options, train_vision_tower=False))
+        tried("--freeze-vision-tower (model.train_vision_tower=false: no vision gradients, optimizer state or "
+              "activations)", replace(options, train_vision_tower=False))
     pixels = w.max_pixels // 2
     while pixels >= 28 * 28 * 16:
         p = plan_layout(shape, replace(w, max_pixels=pixels), options, lay.tp, lay.pp)
         if p.fits:
-            out.append(f"data.max_pixels={pixels} (the vision tower's activations shrink): fits with "
+            out.append(f"--max-pixels {pixels} (data.max_pixels: the vision tower's activations shrink): fits with "
                        f"{p.headroom / GIB:.1f} GiB headroom")
             break
         pixels //= 2
@@ -190,7 +192,8 @@ def suggestions(shape: ModelShape, plan: MemoryPlan, options: Options) -> List[s
     u_min = (rollout.weights + rollout.one_sequence) / plan.gpu_memory
     if u_min <= u_max and not u_min <= options.gpu_memory_utilization <= u_max:
         u = max(u_min, int(u_max * 100) / 100)
-        tried(f"rollout.gpu_memory_utilization={u:.2f}", replace(options, gpu_memory_utilization=u))
+        tried(f"--gpu-memory-utilization {u:.2f} (rollout.gpu_memory_utilization)",
+              replace(options, gpu_memory_utilization=u))
     for factor in (2, 4, 8, 16):
         gpus = options.gpus * factor
         p = plan_layout(shape, w, replace(options, gpus=gpus), lay.tp, lay.pp)
@@ -216,8 +219,8 @@ def combined_suggestion(shape: ModelShape, plan: MemoryPlan, options: Options, m
         if opts.recompute != "full":
             candidates.append(("--recompute", "full", replace(opts, recompute="full"), w))
         if not opts.distributed_optimizer:
-            candidates.append(("parallel.use_distributed_optimizer", "true",
-                               replace(opts, distributed_optimizer=True), w))
+            candidates.append(("(without --no-distributed-optimizer)", "", replace(opts, distributed_optimizer=True),
+                               w))
         if w.max_pixels // 2 >= 28 * 28 * 16:
             candidates.append(("--max-pixels", str(w.max_pixels // 2), opts, replace(w, max_pixels=w.max_pixels // 2)))
         if opts.gpus < 16 * options.gpus:
@@ -236,7 +239,7 @@ def combined_suggestion(shape: ModelShape, plan: MemoryPlan, options: Options, m
         current, opts, w = best[0], best[3], best[4]
         flags[best[1]] = best[2]
         if current.fits:
-            joined = " ".join(f"{k} {v}" if k.startswith("--") else f"{k}={v}" for k, v in flags.items())
+            joined = " ".join(f"{k} {v}".strip() for k, v in flags.items())
             return (f"together: {joined}: fits with {current.headroom / GIB:.1f} GiB headroom "
                     f"(vLLM: {current.rollout.waves} wave(s) of generation per step)")
     return None
