@@ -107,7 +107,7 @@ def print_report(rec: Recommendation, shape: ModelShape, model_name: str, consol
     from rich.console import Console
     from rich.markup import escape
 
-    console = console or Console(width=140)
+    console = console or Console(width=120)
     detail = rec.best or rec.closest or rec.plans[0]
     counts = model_counts(shape, detail.layout.tp, detail.layout.make_vocab_size_divisible_by)
     w, lay = detail.workload, detail.layout
