@@ -9,7 +9,8 @@ per parameter, corrupting the bias correction).
 Directory layout inside a checkpoint (see ``run_dir.py`` for the atomic rename around it)::
 
     step_00000050/
-      model_optim/          Megatron dist checkpoint (model + optimizer)
+      model_optim/          Megatron dist checkpoint (model + optimizer), with config.json, megatron_pgpo.json and
+                            the tokenizer/processor files, so `megatron-pgpo convert mcore-to-hf` exports it
       trainer_state.pt      per-rank: step, data position, python/numpy/torch RNG states (one file per rank)
 """
 from __future__ import annotations
@@ -54,8 +55,26 @@ def save_training_state(policy, directory: Path, trainer_state: Dict[str, Any]) 
         target.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     dist_checkpointing.save(sharded_state(policy, is_loading=False), str(target))
+    if dist.get_rank() == 0:
+        write_export_metadata(policy, target)
     state = dict(trainer_state, rng=_rng_state())
     torch.save(state, Path(directory) / f"trainer_state_rank{dist.get_rank():05d}.pt")
+
+
+def write_export_metadata(policy, target: Path) -> None:
+    """What ``megatron-pgpo convert mcore-to-hf`` needs beside the tensors: the HF config, the layout metadata and
+    the tokenizer / processor files of the run's HF checkpoint (so any training checkpoint exports to HF)."""
+    from ..models.qwen2_5_vl.convert import HF_FILES_DIR, _copy_side_files, write_checkpoint_metadata
+    from ..models.qwen2_5_vl.hf_config import load_hf_config
+
+    model_cfg = policy.cfg.model
+    hf_dir = Path(model_cfg.hf_path)
+    write_checkpoint_metadata(target, load_hf_config(str(hf_dir)), source=str(hf_dir.resolve()),
+                              transformer_impl=model_cfg.transformer_impl,
+                              make_vocab_size_divisible_by=model_cfg.make_vocab_size_divisible_by,
+                              padded_vocab_size=policy.module.padded_vocab_size,
+                              config_json=(hf_dir / "config.json").read_text())
+    _copy_side_files([hf_dir], target / HF_FILES_DIR)
 
 
 def load_training_state(policy, directory: Path) -> Dict[str, Any]:

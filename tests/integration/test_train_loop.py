@@ -63,6 +63,7 @@ def test_train_tp2_sequence_parallel_then_export(reference_run, demo_checkpoint)
         _assert_plumbing(r)
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"
     # The HF export loads in transformers and has the trained (changed) weights.
+    import torch
     from safetensors.torch import load_file
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -74,6 +75,17 @@ def test_train_tp2_sequence_parallel_then_export(reference_run, demo_checkpoint)
         after.update(load_file(str(f)))
     assert set(before) == set(after)
     assert any(not (before[k] == after[k]).all() for k in before), "export equals the initial weights"
+    # Any training checkpoint exports through the converter (here: the run dir, i.e. its latest checkpoint, which
+    # holds the same weights as the end-of-run export), with the tokenizer and processor files.
+    converted = run_dir.parent / "converted"
+    proc = subprocess.run([sys.executable, "-m", "megatron_pgpo.cli", "convert", "mcore-to-hf", str(run_dir),
+                           str(converted), "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = {}
+    for f in converted.glob("*.safetensors"):
+        again.update(load_file(str(f)))
+    assert set(again) == set(after) and all(torch.equal(again[k], after[k]) for k in after)
+    assert (converted / "tokenizer.json").is_file() and (converted / "preprocessor_config.json").is_file()
 
 
 def _deterministic(record):

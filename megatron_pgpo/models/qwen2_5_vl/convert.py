@@ -241,6 +241,18 @@ def write_checkpoint_metadata(ckpt_dir: PathLike, hf_config, *, source: Optional
     (ckpt_dir / METADATA_NAME).write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def resolve_checkpoint_dir(path: PathLike) -> Path:
+    """The Megatron checkpoint directory meant by ``path``: itself, a training checkpoint ``step_XXXXXXXX`` (its
+    ``model_optim``), or a run directory (its latest checkpoint's ``model_optim``)."""
+    path = Path(path)
+    latest = path / "checkpoints" / "latest"
+    if latest.is_file() and latest.read_text().strip():
+        path = path / "checkpoints" / latest.read_text().strip()
+    if (path / "model_optim" / "metadata.json").is_file():
+        path = path / "model_optim"
+    return path
+
+
 def read_checkpoint_metadata(ckpt_dir: PathLike) -> Tuple[Any, Dict[str, Any]]:
     """(HF config, ``megatron_pgpo.json`` dict) of a Megatron checkpoint directory; clear errors when absent."""
     ckpt_dir = Path(ckpt_dir)
@@ -415,7 +427,7 @@ def to_hf(mcore_dir: PathLike, out_dir: PathLike, *, max_shard_bytes: int = DEFA
     """
     from megatron.core import dist_checkpointing
 
-    mcore_dir, out_dir = Path(mcore_dir), Path(out_dir)
+    mcore_dir, out_dir = resolve_checkpoint_dir(mcore_dir), Path(out_dir)
     cast = _dtype(dtype)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
@@ -426,7 +438,9 @@ def to_hf(mcore_dir: PathLike, out_dir: PathLike, *, max_shard_bytes: int = DEFA
         mappings = model_mappings(model, transformer_impl)
         sharded = model.sharded_state_dict()
         ckpt_metadata = dist_checkpointing.load_tensors_metadata(str(mcore_dir))
-        check_megatron_checkpoint(mcore_dir, sharded, model.vocab_size, ckpt_metadata)
+        # A training checkpoint also holds the optimizer state: only the model's tensors must match.
+        model_metadata = {k: v for k, v in ckpt_metadata.items() if not k.startswith("optimizer.")}
+        check_megatron_checkpoint(mcore_dir, sharded, model.vocab_size, model_metadata)
         sizes = [_mapping_bytes(m, sharded, ckpt_metadata) for m in mappings]
         if step_bytes is None:
             step_bytes = min(1 << 30, max(1, sum(sizes) // 16))
