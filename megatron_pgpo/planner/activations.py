@@ -39,7 +39,7 @@ each query sees:
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Iterable, Optional
 
 RECOMPUTE_OPTIONS = ("none", "selective", "full")
 
@@ -47,6 +47,25 @@ RECOMPUTE_OPTIONS = ("none", "selective", "full")
 def _check_recompute(recompute: str) -> None:
     if recompute not in RECOMPUTE_OPTIONS:
         raise ValueError(f"unknown recompute {recompute!r}; valid: {', '.join(RECOMPUTE_OPTIONS)}")
+
+
+def saved_activation_bytes(run: Callable[[], Any], exclude: Iterable[Any] = ()) -> int:
+    """Bytes of the tensors autograd saves for backward while ``run()`` executes, each storage once, the storages
+    of ``exclude`` (the parameters) left out: the measurement the formulas below are checked against."""
+    import torch
+
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(saved.values())
 
 
 def layer_activation_bytes(seq: int, micro_batch: int, hidden: int, heads: int, kv_heads: int, ffn: int,

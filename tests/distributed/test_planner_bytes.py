@@ -134,6 +134,7 @@ def _decoder_saved_bytes(config_dir, seq, batch):
     from megatron.core import parallel_state as ps
 
     from megatron_pgpo.models.qwen2_5_vl.model import build_model
+    from megatron_pgpo.planner.activations import saved_activation_bytes
 
     tp = ps.get_tensor_model_parallel_world_size()
     out = {}
@@ -144,18 +145,9 @@ def _decoder_saved_bytes(config_dir, seq, batch):
         hidden = torch.randn(seq // tp if tp > 1 else seq, batch, lm.config.hidden_size, dtype=torch.bfloat16,
                              requires_grad=True)
         rotary = lm.rotary_pos_emb(torch.arange(seq)[None, None, :].expand(3, batch, seq), lm.mrope_section)
-        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        saved = {}
-
-        def pack(t):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in weights:
-                saved[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            lm.decoder(hidden, attention_mask=None, rotary_pos_emb=rotary)
-        out[recompute] = (sum(saved.values()), len(lm.decoder.layers))
+        measured = saved_activation_bytes(lambda: lm.decoder(hidden, attention_mask=None, rotary_pos_emb=rotary),
+                                          exclude=model.parameters())
+        out[recompute] = (measured, len(lm.decoder.layers))
     return out
 
 

@@ -147,7 +147,7 @@ def test_vision_activations_equal_what_the_tower_saves(images):
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
     from megatron_pgpo.models.qwen2_5_vl.tiny import tiny_hf_config
-    from megatron_pgpo.planner.activations import vision_activation_bytes
+    from megatron_pgpo.planner.activations import saved_activation_bytes, vision_activation_bytes
     from megatron_pgpo.planner.model_size import VisionDims
 
     config = tiny_hf_config("tiny")
@@ -158,21 +158,12 @@ def test_vision_activations_equal_what_the_tower_saves(images):
     v = VisionDims.from_hf(config)
     patches = 16 * 16
     pixels = torch.randn(images * patches, v.patch_input, dtype=torch.bfloat16)
-    weights = {p.untyped_storage().data_ptr() for p in tower.parameters()}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        tower(pixels, grid_thw=torch.tensor([[1, 16, 16]] * images))
+    grid = torch.tensor([[1, 16, 16]] * images)
+    measured = saved_activation_bytes(lambda: tower(pixels, grid_thw=grid), exclude=tower.parameters())
     index_tensors = 2 * (patches // 4) * images * 8  # two int64 window-order indices per merged token
     predicted = vision_activation_bytes(patches, images, v.hidden_size, v.num_heads, v.ffn_hidden_size, v.depth,
                                         v.full_attention_blocks, v.window_patches, v.patch_input)
-    assert sum(saved.values()) == predicted + index_tensors
+    assert measured == predicted + index_tensors
 
 
 def test_logits_terms_by_hand():
@@ -295,8 +286,8 @@ def test_cli_json_output_parses(capsys):
 def test_cli_reads_a_run_config_and_reports_a_misfit(capsys):
     from megatron_pgpo.cli import main
 
-    code = main(["plan", "--model", "72b", "--config", "examples/qwen2_5_vl_72b_pgpo.yaml", "--gpus", "32",
-                 "--json"])
+    config = str(CONFIG_DIR.parent / "qwen2_5_vl_72b_pgpo.yaml")
+    code = main(["plan", "--model", "72b", "--config", config, "--gpus", "32", "--json"])
     doc = json.loads(capsys.readouterr().out)
     plan = doc["plans"][0]
     assert (plan["layout"]["tp"], plan["layout"]["pp"], plan["layout"]["recompute"]) == (8, 4, "full")
@@ -309,7 +300,8 @@ def test_cli_grpo_config_has_no_text_only_rows(capsys, tmp_path):
     from megatron_pgpo.cli import main
 
     grpo = tmp_path / "grpo.yaml"
-    grpo.write_text(Path("examples/qwen2_5_vl_7b_pgpo.yaml").read_text().replace("advantage: pgpo", "advantage: grpo"))
+    recipe = (CONFIG_DIR.parent / "qwen2_5_vl_7b_pgpo.yaml").read_text()
+    grpo.write_text(recipe.replace("advantage: pgpo", "advantage: grpo"))
     main(["plan", "--model", "7b", "--config", str(grpo), "--gpus", "8", "--json"])
     assert json.loads(capsys.readouterr().out)["plans"][0]["workload"]["text_only_pass"] is False
 
