@@ -150,3 +150,9 @@ def test_real_loop_plumbing_at_pp2_and_dp2(tmp_path, demo_checkpoint, layout, np
         assert len(row["tokens"]) == len(row["scores"]) == len(row["weights"]) == len(row["token_ids"]) > 0
         assert sum(row["weights"]) == pytest.approx(len(row["weights"]), rel=1e-4)
         assert min(row["scores"]) >= 0.0
+    # ... and `megatron-pgpo visualize` draws the real run's files (every token of the chosen step counted).
+    from megatron_pgpo.visualize import visualize
+
+    result = visualize(str(run_dir), png=False)
+    assert result.steps == [2] and result.num_tokens == sum(len(row["tokens"]) for row in rows)
+    assert result.html_path.is_file()
