@@ -124,7 +124,7 @@ def _assert_plumbing(record):
     assert record["check/group_adv_sum_max"] < 1e-5, record  # advantages sum to zero per group
     assert record["check/token_adv_sum_err"] < 1e-4, record  # PGPO weights sum to each response's length
     # old log-probs of the Megatron scoring pass vs the log-probs vLLM reported while sampling (fp32 both)
-    # (measured on demo runs: max 3e-5, mean 6e-7; a stale engine or different image preprocessing gives > 1e-2)
+    # (measured on demo runs, fp32 on both sides: max 3e-5, mean 6e-7)
     assert record["check/rollout_logp_diff_max"] < 5e-4, record
     assert 0.0 < record["check/rollout_logp_diff_mean"] < 5e-5, record
 
