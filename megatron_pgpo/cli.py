@@ -16,6 +16,7 @@ Heavy imports (torch, megatron, vLLM) happen inside the subcommand that needs th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional, Sequence, Tuple
 
@@ -79,7 +80,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit("config error: model.hf_path is not set; point it at a Hugging Face Qwen2.5-VL checkpoint "
                          "directory (weights, tokenizer, preprocessor config), or use `megatron-pgpo demo` for the "
                          "built-in tiny model")
-    launch(cfg, nproc=args.nproc)
+    summary = launch(cfg, nproc=args.nproc)
+    if summary.get("preempted") and os.environ.get("PGPO_PREEMPTED_EXIT_CODE"):
+        # Stopped early on a signal after saving: a non-zero status makes nemo-run's sbatch script requeue the job.
+        return int(os.environ["PGPO_PREEMPTED_EXIT_CODE"])
     return 0
 
 
@@ -181,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train with PGPO / DAPO / GRPO (local processes, or one rank under torchrun/srun)",
         description="Runs the distributed training loop on model.hf_path. Under torchrun or srun (RANK and "
         "WORLD_SIZE set) this process is one rank; otherwise --nproc local processes are started (default "
-        "TP x PP; more give data parallelism). Resumes from the latest checkpoint in trainer.run_dir.",
+        "TP x PP; more give data parallelism). Resumes from the latest checkpoint in trainer.run_dir. SIGTERM or "
+        "SIGUSR1 (Slurm preemption) saves a checkpoint at the end of the current step and stops (slurm/README.md).",
         epilog=EPILOG_OVERRIDES,
     )
     p.add_argument("config", nargs="*", metavar="CONFIG.yaml [KEY=VALUE ...]")

@@ -251,6 +251,9 @@ class VLLMEngine(RolloutEngine):
         outputs = []
         for i, result in enumerate(results):
             for j, completion in enumerate(result.outputs):
+                if completion.finish_reason == "abort":  # cut short, e.g. the engine got Slurm's SIGTERM
+                    raise RuntimeError(f"vLLM aborted request {i} (engine shutting down): refusing a partial "
+                                       "response as a sample")
                 token_ids = list(completion.token_ids)
                 logprobs = [step[token].logprob for step, token in zip(completion.logprobs or [], token_ids)]
                 outputs.append(RolloutOutput(

@@ -1,8 +1,10 @@
 """Starting the ranks of a training run: under torchrun/srun (the environment names rank and world size) or,
 locally, by spawning ``TP x PP x DP`` processes on this machine (CPU gloo or one GPU each).
 
-Slurm: ``srun`` sets ``SLURM_PROCID`` / ``SLURM_NTASKS``; the sbatch templates export ``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` from them, which is what this module reads.
+Slurm: ``srun`` sets ``SLURM_PROCID`` / ``SLURM_NTASKS``; the sbatch templates (``slurm/rank_env.sh``) export
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` from them, which is what this module
+reads. A bare ``srun megatron-pgpo train ...`` (several tasks, no wrapper) gets the same mapping here instead of
+every task spawning a run of its own.
 """
 from __future__ import annotations
 
@@ -66,8 +68,12 @@ def init_rank(cfg: Config, rank: int, world_size: int, master_addr: str, master_
     """Process group (gloo on CPU, nccl on GPU), CPU patches where needed, Megatron's parallel state."""
     import torch.distributed as dist
 
+    from ..compat.child_processes import install_child_hook
     from ..parallel.cpu_compat import apply_cpu_patches, set_model_parallel_layout
 
+    # Before any child process starts: children ignore SIGUSR1, the rank's preemption signal, which Slurm delivers
+    # to every process of the step (see compat/site_hook/sitecustomize.py).
+    install_child_hook()
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
     on_gpu = torch.cuda.is_available()
     if on_gpu:
@@ -123,10 +129,37 @@ def rank_main(rank: int, cfg: Config, world_size: int, master_port: int, result_
         dist.destroy_process_group()
 
 
+def adopt_slurm_step_environment(env=os.environ) -> bool:
+    """Inside a multi-task ``srun`` step without RANK/WORLD_SIZE: set them (and LOCAL_RANK, MASTER_ADDR/PORT as
+    ``slurm/common.sh`` does) from Slurm's task variables. A batch script has SLURM_PROCID too, but no
+    SLURM_STEP_ID, so it is left alone (there a local launch is what is meant). Returns whether it set them."""
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
+    if "RANK" in env or "SLURM_STEP_ID" not in env or tasks < 2:
+        return False
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+    if "MASTER_ADDR" not in env:
+        import subprocess
+
+        try:
+            first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                                   check=True, timeout=30).stdout.split()[0]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            first = nodes.split(",")[0]
+            if "[" in first:
+                raise RuntimeError(f"cannot find the first host of {nodes!r} (scontrol failed): export MASTER_ADDR "
+                                   "or launch through slurm/rank_env.sh") from None
+        env["MASTER_ADDR"] = first
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(tasks), LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+    return True
+
+
 def launch(cfg: Config, nproc: Optional[int] = None) -> dict:
     """Run training on this machine: under torchrun/srun if their environment is set, else spawn ``nproc``
-    processes (default TP x PP). Returns rank 0's summary (local spawn only)."""
+    processes (default TP x PP). Returns rank 0's summary (local spawn), or this rank's ``preempted`` / ``step``
+    (torchrun/srun; rank 0 also writes them to ``$PGPO_STATUS_FILE`` when set, for the sbatch templates)."""
     check_supported(cfg)
+    adopt_slurm_step_environment()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -138,11 +171,15 @@ def launch(cfg: Config, nproc: Optional[int] = None) -> dict:
         trainer = Trainer(cfg, train, val)
         try:
             trainer.run()
-            if cfg.checkpoint.export_hf:
+            if cfg.checkpoint.export_hf and not trainer.preempted:  # preempted: the grace time is for the save
                 trainer.export_hf(trainer.run_dir / "hf")
         finally:
             trainer.close()
-        return {}
+        status_file = os.environ.get("PGPO_STATUS_FILE")  # set by slurm/common.sh: requeue or not
+        if status_file and rank == 0:
+            with open(status_file, "w") as f:
+                f.write(f"{'preempted' if trainer.preempted else 'finished'} {trainer.step}\n")
+        return {"preempted": trainer.preempted, "step": trainer.step}
     import torch.multiprocessing as mp
 
     world = nproc or cfg.parallel.model_parallel_size

@@ -78,6 +78,8 @@ class Trainer:
                                    timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers,
                                    max_answer_chars=cfg.reward.max_answer_chars) if self.owner else None
         self.metrics = None
+        self.preempted = False  # run() stopped early on a preemption signal (after saving)
+        self._saved_step: Optional[int] = None  # step of the newest checkpoint this run wrote or resumed from
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _make_engine(self):
@@ -401,8 +403,10 @@ class Trainer:
         from .run_dir import atomic_save
 
         state = {"step": self.step, "stream_position": self.stream.position}
-        return atomic_save(str(self.run_dir), self.step, lambda d: save_training_state(self.policy, d, state),
+        path = atomic_save(str(self.run_dir), self.step, lambda d: save_training_state(self.policy, d, state),
                            keep_last=self.cfg.checkpoint.keep_last, is_writer=self.rank == 0, barrier=dist.barrier)
+        self._saved_step = self.step
+        return path
 
     def maybe_resume(self) -> bool:
         from .checkpoint import load_training_state
@@ -417,6 +421,7 @@ class Trainer:
         dist.broadcast_object_list(paths, src=0)
         state = load_training_state(self.policy, Path(paths[0]))
         self.step, self.stream.position = state["step"], state["stream_position"]
+        self._saved_step = self.step
         self._sync()  # the engines started from the initial weights
         return True
 
@@ -437,30 +442,55 @@ class Trainer:
         progress = StepProgress(cfg.trainer.total_steps, self.step, enabled=self.rank == 0 and cfg.logging.console,
                                 every=cfg.logging.log_every)
         last: Dict[str, float] = {}
+        self.preempted = False
         try:
             while self.step < cfg.trainer.total_steps:
                 t0 = time.perf_counter()
-                samples, stats = self._rollout_batch()
+                position = self.stream.position
+                try:
+                    samples, stats = self._rollout_batch()
+                except Exception:
+                    # Slurm signals every process of the job step, the vLLM engine's too: a rollout that failed
+                    # after a preemption signal is dropped (nothing of this step was applied) and the last complete
+                    # step is saved. Without a signal the failure is real.
+                    if not self._agree_stop(preempt.requested is not None):
+                        raise
+                    log.warning("rollout of step %d failed after a preemption signal (the signal reaches the "
+                                "engine's processes too): dropped it", self.step + 1)
+                    self.stream.position = position
+                    if self._saved_step != self.step:
+                        self.save()
+                    self.preempted = True
+                    log.warning("preemption signal received: saved step %d, exiting", self.step)
+                    break
                 stats["time/rollout"] = time.perf_counter() - t0
                 if samples:
                     stats.update(self._train_on(samples))
-                    stats["time/sync"] = self._sync()
+                # Agreed before the sync: after a signal the engine is not needed (and may be gone).
+                stop = self._agree_stop(preempt.requested is not None)
+                if samples and not stop:
+                    try:
+                        stats["time/sync"] = self._sync()
+                    except Exception:
+                        if not self._agree_stop(preempt.requested is not None):
+                            raise
+                        stop = True  # the signal came during the sync; the weights of this step are trained
                 self.step += 1
-                if cfg.trainer.eval_every and self.step % cfg.trainer.eval_every == 0:
+                if cfg.trainer.eval_every and self.step % cfg.trainer.eval_every == 0 and not stop:
                     stats["eval/accuracy"] = self.evaluate()
                 stats["time/step"] = time.perf_counter() - t0
                 if self.metrics is not None:
                     self.metrics.log(self.step, stats)
                 progress.update(self.step, stats)
                 last = stats
-                stop = self._agree_stop(preempt.requested is not None)
                 if (cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0) or stop:
                     self.save()
                 if stop:
+                    self.preempted = self.step < cfg.trainer.total_steps  # (a signal in the last step: done)
                     log.warning("preemption signal received: saved step %d, exiting", self.step)
                     break
             else:
-                if not (cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0):
+                if self._saved_step != self.step:  # (a job resumed at total_steps, e.g. requeued, saves nothing)
                     self.save()
         finally:
             preempt.restore()

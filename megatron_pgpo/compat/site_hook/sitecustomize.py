@@ -5,10 +5,16 @@ Python then imports this module at start-up. It installs a ``sys.meta_path`` fin
 ``ensure_torchvision_importable()`` the moment something first imports ``torchvision``, so processes that never
 touch torchvision pay nothing (not even ``import torch``). Afterwards it hands over to any other
 ``sitecustomize`` further down ``sys.path``, so an environment's own hook keeps working.
+
+It also makes these children ignore SIGUSR1. Slurm delivers a job step's signals to every process of the step
+(measured: ``srun`` forwarding, ``scancel --signal``), so the preemption warning meant for the training rank also
+reaches vLLM's engine core and workers and the reward verifiers, and SIGUSR1's default action would kill them in
+the middle of a rollout. The rank handles it (save at the end of the step, then shut its children down).
 """
 import importlib.abc
 import importlib.util
 import os
+import signal
 import sys
 
 
@@ -44,4 +50,8 @@ def _chain_next_sitecustomize() -> None:
 
 if "torchvision" not in sys.modules:
     sys.meta_path.insert(0, _TorchvisionShimFinder())
+try:
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+except (AttributeError, ValueError, OSError):  # no SIGUSR1 (Windows) or not the main thread
+    pass
 _chain_next_sitecustomize()
