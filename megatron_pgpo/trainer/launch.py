@@ -116,7 +116,8 @@ def rank_main(rank: int, cfg: Config, world_size: int, master_port: int, result_
     try:
         before = trainer.evaluate() if trainer.step == 0 and cfg.trainer.eval_every else None
         last = trainer.run()
-        after = trainer.evaluate()
+        # The loop's own evaluation of the final step, if it ran one, is the "after" number (no second pass).
+        after = last["eval/accuracy"] if "eval/accuracy" in last else trainer.evaluate()
         export = None
         if cfg.checkpoint.export_hf:
             export = trainer.export_hf(trainer.run_dir / "hf")

@@ -30,6 +30,7 @@ from ..algorithms import ADVANTAGE_SHAPERS, dapo_keep_groups, group_normalized_a
 from ..algorithms.dapo import overlong_soft_penalty
 from ..config import Config, to_dict
 from .batch import Sample, collate, length_bucketed_micro_batches
+from .diagnostics import log_samples, plumbing_checks, response_mask
 from .prompts import ImageEncoder, PromptStream, messages_for, split_round_robin
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,7 @@ class Trainer:
     def _advantages(self, samples: List[Sample], scored) -> Tuple[Dict[int, torch.Tensor], Dict[str, float],
                                                                    torch.Tensor]:
         """Per-sample token advantages ``{index: [S_i]}`` (last stage), visual-dependency statistics with the
-        ``check/*`` plumbing numbers (see ``_plumbing_checks``), and the sequence advantages ``[N]``."""
+        ``check/*`` plumbing numbers (see ``diagnostics.plumbing_checks``), and the sequence advantages ``[N]``."""
         algo = self.cfg.algorithm
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
         if algo.dapo.overlong_buffer > 0:
@@ -224,7 +225,7 @@ class Trainer:
         from ..algorithms.visual_dependency import sanitize_scores
 
         for so in scored:
-            mask = torch.stack([self._response_mask(samples[i], so.logp.shape[1]) for i in so.indices])
+            mask = torch.stack([response_mask(samples[i], so.logp.shape[1]) for i in so.indices])
             adv = shaper(seq_adv[so.indices], mask, scores=so.scores, tau=algo.pgpo.tau, beta=algo.pgpo.beta,
                          eps=algo.pgpo.eps, s_max=algo.pgpo.s_max)
             clean, n_bad = sanitize_scores(so.scores, mask, algo.pgpo.s_max)
@@ -238,92 +239,16 @@ class Trainer:
         tokens = max(float(sums[0]), 1.0)
         stats = {"vd/score_mean": float(sums[1]) / tokens, "vd/log1p_mean": float(sums[2]) / tokens,
                  "vd/frac_above_tau": float(sums[3]) / tokens, "vd/sanitized": float(sums[4])}
-        stats.update(self._plumbing_checks(samples, scored, seq_adv, groups, out))
+        stats.update(plumbing_checks(samples, scored, seq_adv, groups, out))
         return out, stats, seq_adv
 
-    def _plumbing_checks(self, samples: List[Sample], scored, seq_adv: torch.Tensor, groups: torch.Tensor,
-                         token_adv: Dict[int, torch.Tensor]) -> Dict[str, float]:
-        """Cheap invariants of every step, logged as ``check/*`` (the integration tests assert on them):
-
-        - ``check/group_adv_sum_max``: max over groups of ``|sum of the group's sequence advantages|`` (0: each
-          group is centred before any reshaping);
-        - ``check/token_adv_sum_err``: max over responses of ``|sum_t A_t - L * A| / |A|``, i.e. how far the
-          PGPO weights are from summing to the response length ``L`` (responses with ``A != 0``);
-        - ``check/rollout_logp_diff_max`` / ``_mean``: ``|old log-prob of the training pass - the rollout engine's
-          log-prob|`` over response tokens (engine and trainer disagree, e.g. stale weights or preprocessing).
-        """
-        group_sums = torch.zeros(int(groups.max()) + 1, dtype=torch.float64).index_add_(0, groups, seq_adv.double())
-        vals = torch.zeros(2, dtype=torch.float64)  # maxima: token-adv sum error, |logp diff|
-        diff_sum = torch.zeros(2, dtype=torch.float64)  # sum of |logp diff|, count
-        for so in scored:
-            for row, i in enumerate(so.indices):
-                s = samples[i]
-                n = len(s.response_ids)
-                start = len(s.prompt_ids)
-                a = float(seq_adv[i])
-                if abs(a) > 1e-6:
-                    err = abs(float(token_adv[i].double().sum()) - n * a) / abs(a)
-                    vals[0] = max(float(vals[0]), err)
-                if s.rollout_logprobs is not None and len(s.rollout_logprobs) == n:
-                    d = (so.logp[row, start: start + n].double() - torch.tensor(s.rollout_logprobs, dtype=torch.float64)).abs()
-                    vals[1] = max(float(vals[1]), float(d.max()))
-                    diff_sum += torch.tensor([float(d.sum()), float(n)], dtype=torch.float64)
-        dist.all_reduce(vals, op=dist.ReduceOp.MAX)
-        dist.all_reduce(diff_sum)
-        return {"check/group_adv_sum_max": float(group_sums.abs().max()), "check/token_adv_sum_err": float(vals[0]),
-                "check/rollout_logp_diff_max": float(vals[1]),
-                "check/rollout_logp_diff_mean": float(diff_sum[0]) / max(float(diff_sum[1]), 1.0)}
-
-    def _log_samples(self, samples: List[Sample], scored, seq_adv_of: List[float]) -> None:
-        """Every ``logging.samples_every`` steps: the first ``logging.samples_per_step`` responses with their
-        tokens, S and PGPO weights, gathered from the last stage and written by rank 0 (``samples_log``)."""
-        from megatron.core import parallel_state as ps
-
-        every, limit = self.cfg.logging.samples_every, self.cfg.logging.samples_per_step
-        if not every or self.step % every:
-            return
-        algo = self.cfg.algorithm
-        rows = []
-        if self.is_last_stage and ps.get_tensor_model_parallel_rank() == 0:
-            from ..algorithms.pgpo import pgpo_token_weights
-
-            for so in scored:
-                mask = torch.stack([self._response_mask(samples[i], so.logp.shape[1]) for i in so.indices])
-                weights = (pgpo_token_weights(so.scores, mask, algo.pgpo.tau, algo.pgpo.beta, algo.pgpo.eps,
-                                              algo.pgpo.s_max) if algo.advantage == "pgpo" else mask.float())
-                for row, i in enumerate(so.indices):
-                    if i < limit:
-                        rows.append((i, so.scores[row][mask[row]].tolist(), weights[row][mask[row]].tolist()))
-        gathered: List[Optional[list]] = [None] * self.world
-        dist.all_gather_object(gathered, rows)
-        if self.rank != 0:
-            return
-        from .samples_log import write_sample_records
-
-        tokenizer = self._tokenizer()
-        records = []
-        for i, scores, weights in sorted((r for part in gathered for r in part), key=lambda r: r[0]):
-            s = samples[i]
-            records.append({
-                "step": self.step + 1, "prompt_index": s.group, "group_advantage": seq_adv_of[i],
-                "reward": s.reward, "accuracy": s.extra["accuracy"], "format": s.extra["format"],
-                "question": s.extra.get("question"), "answer": s.answer,
-                "tokens": [tokenizer.decode([t]) for t in s.response_ids], "token_ids": list(s.response_ids),
-                "scores": scores, "weights": weights})
-        write_sample_records(str(self.run_dir), self.step + 1, records)
-
-    def _tokenizer(self):
-        if getattr(self, "_tok", None) is None:
+    def tokenizer(self):
+        """The checkpoint's tokenizer (loaded on first use: only rank 0 decodes sample files)."""
+        if getattr(self, "_tokenizer", None) is None:
             from transformers import AutoTokenizer
 
-            self._tok = AutoTokenizer.from_pretrained(self.cfg.model.hf_path)
-        return self._tok
-
-    @staticmethod
-    def _response_mask(sample: Sample, width: int) -> torch.Tensor:
-        mask = torch.zeros(width, dtype=torch.bool)
-        mask[len(sample.prompt_ids): sample.length] = True
-        return mask
+            self._tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.hf_path)
+        return self._tokenizer
 
     def _train_on(self, samples: List[Sample]) -> Dict[str, float]:
         cfg = self.cfg
@@ -336,7 +261,10 @@ class Trainer:
         t_score = time.perf_counter() - t0
         flat = [so for part in scored for so in part]
         token_adv, stats, seq_adv = self._advantages(samples, flat)
-        self._log_samples(samples, flat, seq_adv.tolist())
+        every = cfg.logging.samples_every
+        if every and (self.step + 1) % every == 0:
+            log_samples(self, samples, flat, seq_adv.tolist(), step=self.step + 1,
+                        uses_scores=getattr(shaper, "uses_visual_dependency", False))
         old_logp = {i: so.logp[row] for so in flat for row, i in enumerate(so.indices)}
         entropy_sum = sum(float(so.entropy.sum()) for so in flat)
         t1 = time.perf_counter()
