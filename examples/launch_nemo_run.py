@@ -68,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default: $PGPO_ENV_SETUP)")
     s = p.add_argument_group("slurm")
     s.add_argument("--nodes", type=int, default=2)
-    s.add_argument("--gpus-per-node", type=int, default=8, help="also the tasks (ranks) per node")
+    s.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (0: a CPU job, no GPU request)")
+    s.add_argument("--ntasks-per-node", type=int, default=None, help="ranks per node (default: --gpus-per-node)")
     s.add_argument("--cpus-per-task", type=int, default=None)
     s.add_argument("--account", default=os.environ.get("SLURM_ACCOUNT"))
     s.add_argument("--partition", default=os.environ.get("SLURM_PARTITION"))
@@ -77,8 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="SIGUSR1 this many seconds before the time limit: the ranks save and stop (default: 300)")
     s.add_argument("--retries", type=int, default=3, help="requeues after a preemption save or a failure")
     # Never a path containing "/nemo_run": nemo-run rewrites that string in the script (its in-container prefix).
-    s.add_argument("--job-dir", default=os.path.expanduser("~/pgpo_jobs"),
-                   help="nemo-run's job directory on the cluster (a shared filesystem); default: %(default)s")
+    s.add_argument("--job-dir", default=os.environ.get("NEMORUN_HOME", os.path.expanduser("~/.nemo_run")),
+                   help="where nemo-run keeps experiments, packaged code and logs; the tasks read it, so on a cluster "
+                   "a shared filesystem. Submitting here (LocalTunnel) it is nemo-run's home (NEMORUN_HOME); with "
+                   "--ssh-host, a directory on the remote host. Default: %(default)s")
     s.add_argument("--ssh-host", help="submit over SSH (SSHTunnel) instead of on this machine (LocalTunnel)")
     s.add_argument("--ssh-user", default=os.environ.get("USER"))
     s.add_argument("--root", help="run an existing checkout at this path on the cluster instead of packaging HEAD")
@@ -94,8 +97,8 @@ def slurm_executor(args: argparse.Namespace):
 
     if args.ssh_host:
         tunnel = run.SSHTunnel(host=args.ssh_host, user=args.ssh_user, job_dir=args.job_dir)
-    else:
-        tunnel = run.LocalTunnel(job_dir=args.job_dir)
+    else:  # nemo-run writes the experiment under NEMORUN_HOME/experiments and sbatch reads it from the job dir
+        tunnel = run.LocalTunnel(job_dir=os.path.join(args.job_dir, "experiments"))
     # nemo-run writes `export KEY=VALUE` unquoted: quote the values here.
     env = {"PGPO_PREEMPTED_EXIT_CODE": PREEMPTED_EXIT_CODE}
     if args.env_setup:
@@ -105,8 +108,8 @@ def slurm_executor(args: argparse.Namespace):
         partition=args.partition,
         job_name_prefix=f"{args.name}-",
         nodes=args.nodes,
-        ntasks_per_node=args.gpus_per_node,
-        gpus_per_node=args.gpus_per_node,
+        ntasks_per_node=args.ntasks_per_node or args.gpus_per_node or 1,
+        gpus_per_node=args.gpus_per_node or None,
         cpus_per_task=args.cpus_per_task,
         time=args.time,
         signal=f"USR1@{args.signal_seconds}",
@@ -117,6 +120,8 @@ def slurm_executor(args: argparse.Namespace):
         container_mounts=list(args.container_mounts),
         tunnel=tunnel,
         packager=run.Packager() if args.root else run.GitArchivePackager(),
+        # nemo-run's srun runs in its (packaged) code directory; an existing checkout instead: the later --chdir wins
+        srun_args=[f"--chdir={args.root}"] if args.root else None,
     )
 
 
@@ -157,13 +162,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not (REPO / args.config).is_file() and not Path(args.config).is_file():
         raise SystemExit(f"config {args.config} not found (paths are relative to the repository {REPO})")
+    if args.executor == "slurm" and "/nemo_run" in args.job_dir:
+        raise SystemExit(f"--job-dir {args.job_dir}: nemo-run rewrites '/nemo_run' in its scripts; pick another path")
+    if not args.ssh_host:
+        os.environ["NEMORUN_HOME"] = os.path.abspath(args.job_dir)  # before nemo_run is imported
     try:
         import nemo_run as run
     except ImportError as exc:
         raise SystemExit(f"nemo-run is not importable here ({exc}): run this with the launch environment, "
                          "`make launch-venv` then `.venv-launch/bin/python examples/launch_nemo_run.py ...`") from None
-    if args.executor == "slurm" and "/nemo_run" in args.job_dir:
-        raise SystemExit(f"--job-dir {args.job_dir}: nemo-run rewrites '/nemo_run' in its scripts; pick another path")
     os.chdir(REPO)  # GitArchivePackager packages the repository the working directory is in
     script, executor = build(args)
     if args.dryrun:

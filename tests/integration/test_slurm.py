@@ -240,3 +240,24 @@ def test_sigterm_saves_then_the_job_requeues_itself_and_resumes(slurm, workdir, 
                                                                         for r in records[saved:])
     latest, kept = _checkpoints(run_dir)
     assert latest == f"step_{total:08d}" and kept == [f"step_{saved:08d}", latest]
+
+
+@pytest.mark.skipif(os.environ.get("PGPO_NEMO_RUN_ON_SLURM") != "1",
+                    reason="opt-in (~2 min, over the suite's time budget): PGPO_NEMO_RUN_ON_SLURM=1 submits through "
+                    "nemo-run's SlurmExecutor to the local Slurm")
+def test_nemo_run_slurm_executor_trains_on_the_local_slurm(slurm, workdir, demo_checkpoint):
+    """examples/launch_nemo_run.py submits for real (LocalTunnel, the checkout as --root, a CPU job): nemo-run's own
+    sbatch script runs the templates' per-rank command, which trains and saves like the sbatch template."""
+    launch_python = REPO / ".venv-launch" / "bin" / "python"
+    if not launch_python.exists():
+        pytest.fail("no .venv-launch: run `make launch-venv`")
+    run_dir, jobs = workdir / "nemorun_run", workdir / "nemorun_jobs"  # no "/nemo_run" in paths (see the script)
+    env = _job_env(slurm, workdir)
+    _run(env, str(launch_python), "examples/launch_nemo_run.py", "--config", "examples/tiny_cpu.yaml", "--nodes", "1",
+         "--gpus-per-node", "0", "--ntasks-per-node", "2", "--root", str(REPO), "--job-dir", str(jobs),
+         "--retries", "0", "--env-setup", env["PGPO_ENV_SETUP"], f"model.hf_path={demo_checkpoint}",
+         f"trainer.run_dir={run_dir}", "trainer.total_steps=2", "checkpoint.save_every=0", *TINY, timeout=300)
+    job = _run(env, "squeue", "-h", "-o", "%i").split()[-1]
+    info = _wait_job(env, job, timeout=400)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", info
+    assert _steps(run_dir) == [1, 2] and _checkpoints(run_dir) == ("step_00000002", ["step_00000002"])

