@@ -54,10 +54,11 @@ def save_training_state(policy, directory: Path, trainer_state: Dict[str, Any]) 
     if dist.get_rank() == 0:
         target.mkdir(parents=True, exist_ok=True)
     dist.barrier()
+    _init_fresh_adam_state(policy.optimizer)
     dist_checkpointing.save(sharded_state(policy, is_loading=False), str(target))
     if dist.get_rank() == 0:
         write_export_metadata(policy, target)
-    state = dict(trainer_state, rng=_rng_state())
+    state = dict(trainer_state, rng=_rng_state(), adam_steps=_adam_steps(policy.optimizer))
     torch.save(state, Path(directory) / f"trainer_state_rank{dist.get_rank():05d}.pt")
 
 
@@ -68,6 +69,8 @@ def write_export_metadata(policy, target: Path) -> None:
     from ..models.qwen2_5_vl.hf_config import load_hf_config
 
     model_cfg = policy.cfg.model
+    if model_cfg.hf_path is None:  # a policy built without an HF checkpoint (tests): nothing to describe it by
+        return
     hf_dir = Path(model_cfg.hf_path)
     write_checkpoint_metadata(target, load_hf_config(str(hf_dir)), source=str(hf_dir.resolve()),
                               transformer_impl=model_cfg.transformer_impl,
@@ -87,8 +90,8 @@ def load_training_state(policy, directory: Path) -> Dict[str, Any]:
     policy.module.load_state_dict(loaded["model"], strict=False)
     with torch.no_grad():
         policy.optimizer.load_state_dict(loaded["optimizer"])
-    _unshare_adam_steps(policy.optimizer)
     state = torch.load(Path(directory) / f"trainer_state_rank{dist.get_rank():05d}.pt", weights_only=False)
+    _unshare_adam_steps(policy.optimizer, state.pop("adam_steps", None))
     _set_rng_state(state.pop("rng"))
     return state
 
@@ -111,15 +114,51 @@ def _materialise_optimizer_state(optimizer) -> None:
         torch_opt.zero_grad()
 
 
-def _unshare_adam_steps(optimizer) -> None:
-    """Give every parameter its own Adam ``step`` tensor (see the module docstring)."""
+def _init_fresh_adam_state(optimizer) -> None:
+    """Before its first step torch Adam has no state, and Megatron's ``state_dict`` (without Apex/TE) asserts that
+    every parameter's ``step`` is the same value (``distrib_optimizer.py``: ``assert len(steps) == 1``), so a save
+    before any update (e.g. when dynamic sampling dropped every group so far) failed. Create exactly the state
+    Adam's first step would create (step 0, zero moments): no weight moves, and the next step proceeds as if the
+    state had been created lazily."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_opt = getattr(opt, "optimizer", None)
+        if not isinstance(torch_opt, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in torch_opt.param_groups:
+            for param in group["params"]:
+                state = torch_opt.state[param]
+                if state:
+                    continue
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                if group.get("amsgrad"):
+                    state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def _adam_steps(optimizer) -> list:
+    """The Adam step count of each inner torch optimizer (None where it has no state or is not torch Adam)."""
+    out = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_opt = getattr(opt, "optimizer", None)
+        steps = ({float(st["step"]) for st in torch_opt.state.values() if "step" in st}
+                 if isinstance(torch_opt, (torch.optim.Adam, torch.optim.AdamW)) else set())
+        out.append(steps.pop() if len(steps) == 1 else None)
+    return out
+
+
+def _unshare_adam_steps(optimizer, saved_steps=None) -> None:
+    """Give every parameter its own Adam ``step`` tensor (see the module docstring), set to the count saved with
+    the checkpoint when there is one: Megatron's load leaves a checkpoint taken before the first update at the
+    dummy state's step 1 (measured), which would skew the next bias correction."""
     inner_optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
-    for opt in inner_optimizers:
+    for k, opt in enumerate(inner_optimizers):
         torch_opt = getattr(opt, "optimizer", None)
         if torch_opt is None:
             continue
+        saved = saved_steps[k] if saved_steps is not None and k < len(saved_steps) else None
         for group in torch_opt.param_groups:
             for param in group["params"]:
                 state = torch_opt.state.get(param)
                 if state and "step" in state:
-                    state["step"] = torch.tensor(float(state["step"]))
+                    state["step"] = torch.tensor(float(state["step"] if saved is None else saved))

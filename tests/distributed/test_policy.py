@@ -347,3 +347,50 @@ def test_loss_decreases_over_repeated_updates_on_a_fixed_batch(workers, tiny_hf_
     assert losses[0] == pytest.approx(first, abs=1e-5)
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < losses[0] - 1e-3, losses
+
+
+def _save_before_any_update(hf_path, ckpt_dir):
+    """A checkpoint taken before the first optimizer step (dynamic sampling may drop every group for a while):
+    the save works, and a run resumed from it takes the same first update as one that never stopped."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from megatron_pgpo.config import load_config
+    from megatron_pgpo.models.qwen2_5_vl.loading import load_hf_into_model
+    from megatron_pgpo.models.qwen2_5_vl.model import build_model
+    from megatron_pgpo.models.qwen2_5_vl.tiny import IMAGE_TOKEN_ID
+    from megatron_pgpo.trainer.batch import collate
+    from megatron_pgpo.trainer.checkpoint import load_training_state, save_training_state
+    from megatron_pgpo.trainer.policy import MegatronPolicy
+
+    samples = _samples()
+    mine = list(range(ps.get_data_parallel_rank(), N_SAMPLES, ps.get_data_parallel_world_size()))
+    mb = collate(samples, mine, IMAGE_TOKEN_ID, 2)
+    adv = torch.randn(N_SAMPLES, generator=torch.Generator().manual_seed(4))[mine]
+    extras = [{"old_logp": torch.full(mb.input_ids.shape, -3.0) * mb.response_mask,
+               "advantages": adv[:, None] * mb.response_mask}]
+    total = float(sum(len(s.response_ids) for s in samples))
+    cfg = load_config(None, ["trainer.lr=1e-2", f"model.hf_path={hf_path}"])
+
+    def fresh():
+        model = build_model(hf_path)
+        load_hf_into_model(model, hf_path)
+        return MegatronPolicy(model, cfg)
+
+    before = fresh()
+    initial = {n: p.detach().clone() for n, p in before.module.named_parameters()}
+    save_training_state(before, ckpt_dir, {"step": 0})
+    unchanged = max(float((p.detach() - initial[n]).abs().max()) for n, p in before.module.named_parameters())
+    before.update([mb], extras, total, float(N_SAMPLES))
+    resumed = fresh()
+    load_training_state(resumed, ckpt_dir)
+    resumed.update([mb], extras, total, float(N_SAMPLES))
+    diff = max(float((p.detach() - dict(before.module.named_parameters())[n].detach()).abs().max())
+               for n, p in resumed.module.named_parameters())
+    return {"unchanged": unchanged, "diff": diff}
+
+
+def test_checkpoint_before_the_first_update(workers, tiny_hf_checkpoint, tmp_path):
+    for r in workers.run(_save_before_any_update, str(tiny_hf_checkpoint), str(tmp_path), tp=1):
+        assert r["unchanged"] == 0.0  # saving moved no weight
+        assert r["diff"] == 0.0, r
