@@ -117,9 +117,10 @@ def rank_main(rank: int, cfg: Config, world_size: int, master_port: int, result_
         before = trainer.evaluate() if trainer.step == 0 and cfg.trainer.eval_every else None
         last = trainer.run()
         # The loop's own evaluation of the final step, if it ran one, is the "after" number (no second pass).
-        after = last["eval/accuracy"] if "eval/accuracy" in last else trainer.evaluate()
+        # After a preemption signal the grace time is for the checkpoint: no evaluation, no export.
+        after = last.get("eval/accuracy") if trainer.preempted or "eval/accuracy" in last else trainer.evaluate()
         export = None
-        if cfg.checkpoint.export_hf:
+        if cfg.checkpoint.export_hf and not trainer.preempted:
             export = trainer.export_hf(trainer.run_dir / "hf")
         if rank == 0 and result_queue is not None:
             result_queue.put({"accuracy_before": before, "accuracy_after": after, "last": last,
