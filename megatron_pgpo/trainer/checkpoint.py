@@ -96,12 +96,17 @@ def load_training_state(policy, directory: Path) -> Dict[str, Any]:
     return state
 
 
+def _inner_optimizers(optimizer) -> list:
+    """``(Megatron optimizer, its torch optimizer or None)`` for each part of a (possibly chained) optimizer, in
+    a fixed order (the saved Adam step counts are matched to them by position)."""
+    return [(opt, getattr(opt, "optimizer", None)) for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
 def _materialise_optimizer_state(optimizer) -> None:
     """A fresh optimizer has no Adam state, and without Apex/TE Megatron's ``state_dict`` asserts on the ``step``
     of existing state: take one zero-gradient step first (Megatron's own dummy-state trick). Weight decay moves the
     weights a little, which does not matter: the load overwrites weights and optimizer state alike."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        torch_opt = getattr(opt, "optimizer", None)
+    for opt, torch_opt in _inner_optimizers(optimizer):
         if torch_opt is None or any(torch_opt.state.values()):
             continue
         if hasattr(opt, "_init_optimizer_states_with_dummy_values"):
@@ -120,8 +125,7 @@ def _init_fresh_adam_state(optimizer) -> None:
     before any update (e.g. when dynamic sampling dropped every group so far) failed. Create exactly the state
     Adam's first step would create (step 0, zero moments): no weight moves, and the next step proceeds as if the
     state had been created lazily."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        torch_opt = getattr(opt, "optimizer", None)
+    for _, torch_opt in _inner_optimizers(optimizer):
         if not isinstance(torch_opt, (torch.optim.Adam, torch.optim.AdamW)):
             continue
         for group in torch_opt.param_groups:
@@ -139,8 +143,7 @@ def _init_fresh_adam_state(optimizer) -> None:
 def _adam_steps(optimizer) -> list:
     """The Adam step count of each inner torch optimizer (None where it has no state or is not torch Adam)."""
     out = []
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        torch_opt = getattr(opt, "optimizer", None)
+    for _, torch_opt in _inner_optimizers(optimizer):
         steps = ({float(st["step"]) for st in torch_opt.state.values() if "step" in st}
                  if isinstance(torch_opt, (torch.optim.Adam, torch.optim.AdamW)) else set())
         out.append(steps.pop() if len(steps) == 1 else None)
@@ -151,9 +154,7 @@ def _unshare_adam_steps(optimizer, saved_steps=None) -> None:
     """Give every parameter its own Adam ``step`` tensor (see the module docstring), set to the count saved with
     the checkpoint when there is one: Megatron's load leaves a checkpoint taken before the first update at the
     dummy state's step 1 (measured), which would skew the next bias correction."""
-    inner_optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
-    for k, opt in enumerate(inner_optimizers):
-        torch_opt = getattr(opt, "optimizer", None)
+    for k, (_, torch_opt) in enumerate(_inner_optimizers(optimizer)):
         if torch_opt is None:
             continue
         saved = saved_steps[k] if saved_steps is not None and k < len(saved_steps) else None
