@@ -51,6 +51,9 @@ def _skip_reason():
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")]
 
 
+_TORCH_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
 @pytest.fixture(scope="module")
 def slurm():
     """A running single-node cluster: the environment for sbatch/srun/squeue (SLURM_CONF). Stopped afterwards."""
@@ -61,7 +64,10 @@ def slurm():
     start = subprocess.run(["bash", str(SLURM_LOCAL), "start", state], capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, f"local Slurm did not start: {start.stdout}{start.stderr}"
     conf = re.search(r"export SLURM_CONF=(\S+)", start.stdout).group(1)
-    env = dict(os.environ, SLURM_CONF=conf, PATH=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
+    # Earlier tests in this pytest process may have set torch.distributed's variables (a single-process group
+    # exports MASTER_ADDR/MASTER_PORT): sbatch and srun would pass them on, as they pass a login shell's.
+    env = {k: v for k, v in os.environ.items() if k not in _TORCH_DIST_VARS and not k.startswith("SLURM_")}
+    env.update(SLURM_CONF=conf, PATH=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
     print(f"local Slurm up in {time.monotonic() - t0:.1f} s ({state})")
     try:
         yield env
