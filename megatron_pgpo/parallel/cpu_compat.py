@@ -227,13 +227,43 @@ def set_model_parallel_layout(tp: int = 1, pp: int = 1, seed: Optional[int] = 12
         ps.get_pipeline_model_parallel_world_size(),
     ) == (tp, pp):
         return False
-    ps.destroy_model_parallel()
+    destroy_megatron_groups()
     ps.initialize_model_parallel(tp, pp, distributed_timeout_minutes=timeout_minutes)
     if seed is not None:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(seed)
     return True
+
+
+def destroy_megatron_groups() -> int:
+    """``parallel_state.destroy_model_parallel()``, which forgets Megatron's process groups but (except the gloo
+    data-parallel ones) leaves them registered with torch.distributed, so each gloo group keeps its threads (3 per
+    group) and sockets: a process that switches layouts (the test workers, the planner) grew to 1,500 threads. This
+    destroys every group Megatron's globals hold first (local to the process; not a collective). Returns how many."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    def groups(value):
+        if isinstance(value, dist.ProcessGroup):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                yield from groups(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                yield from groups(item)
+
+    world = dist.group.WORLD if dist.is_initialized() else None
+    registered = dist.distributed_c10d._world.pg_map if dist.is_initialized() else {}
+    found = {id(g): g for name, value in vars(ps).items() if name.startswith("_") for g in groups(value)}
+    destroyed = 0
+    for group in found.values():
+        if group is not world and group in registered:
+            dist.destroy_process_group(group)
+            destroyed += 1
+    ps.destroy_model_parallel()
+    return destroyed
 
 
 def init_cpu_distributed(

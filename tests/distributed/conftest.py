@@ -13,16 +13,32 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from harness import WorkerPool
 
 
-@pytest.fixture(scope="package")
+_HERE = Path(__file__).resolve().parent
+_pools = []
+
+
+@pytest.fixture(scope="session")
 def workers():
-    """The ``WorkerPool`` of the distributed tests (started lazily on the first ``run``, shut down after the last
-    distributed test, so idle workers do not compete with the rest of the suite for the 2 cores)."""
+    """The ``WorkerPool`` of the distributed tests: started lazily on the first ``run``, shut down as soon as the
+    next test is not a distributed one (below), and restarted lazily if one comes later.
+
+    (``scope="package"`` would not do it: this folder is not a Python package, so pytest falls back to the session,
+    and the idle workers, whose gloo threads poll, took half of the 2 cores from the integration tests after them.)
+    """
     pool = WorkerPool(world_size=int(os.environ.get("PGPO_DIST_WORLD", "2")))
+    _pools.append(pool)
     yield pool
     pool.shutdown()
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if nextitem is None or _HERE not in Path(str(nextitem.path)).resolve().parents:
+        for pool in _pools:
+            pool.shutdown()
