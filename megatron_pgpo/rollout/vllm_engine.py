@@ -25,14 +25,20 @@ update first restarts the engine from ``model_path``. The last good full state i
 ``weight_sync.sync_weights`` re-exports in full.
 
 CPU specifics (STACK.md): ``kv_cache_memory_bytes`` instead of a GPU memory fraction, ``enforce_eager``, fp32,
-``VLLM_CPU_OMP_THREADS_BIND`` per rank (else every engine binds to core 0), cache and temp dirs inside
-``run_dir``; sleep mode does not exist on CPU (``sleep``/``wake`` are no-ops there).
+``VLLM_CPU_OMP_THREADS_BIND`` per rank (else every engine binds to core 0), temp dirs inside ``run_dir`` (or a
+short private one, removed at shutdown); sleep mode does not exist on CPU (``sleep``/``wake`` are no-ops there).
+
+Compile caches are shared between runs (``compile_caches``): vLLM ``torch.compile``s its sampler's log-prob rank
+and top-k/top-p kernels even when eager, and on CPU inductor builds them with g++ (measured: the first
+``generate`` of an engine took 18-20 s with an empty cache, 2.6 s with a warm one; a per-run cache paid that on
+every start).
 """
 from __future__ import annotations
 
 import gc
 import logging
 import os
+import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,12 +58,40 @@ class WeightUpdateError(RuntimeError):
     """A weight update failed; the engine is unusable until a later complete update (see module docstring)."""
 
 
+def compile_caches(cache_dir: Optional[str], tmp: Path) -> Dict[str, str]:
+    """``TORCHINDUCTOR_CACHE_DIR`` (and ``VLLM_CACHE_ROOT`` when chosen) for an engine whose ``TMPDIR`` is ``tmp``.
+
+    Inductor's cache is keyed by source, flags and versions, and torch shares it between processes by default
+    (``/tmp/torchinductor_$USER``); so does vLLM (``~/.cache/vllm``). Both are kept shared here: ``cache_dir`` if
+    given, else the environment's, else the defaults as this process sees them (before ``TMPDIR`` moves). Torch
+    always puts its precompiled headers under ``$TMPDIR/torchinductor_$USER`` (``codecache._HEADER_DIR``), so that
+    name inside ``tmp`` becomes a link to the inductor cache.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    default = default_cache_dir()
+    env: Dict[str, str] = {}
+    if cache_dir is not None:
+        inductor = Path(cache_dir).absolute() / "inductor"
+        env["VLLM_CACHE_ROOT"] = str(Path(cache_dir).absolute() / "vllm")
+    else:
+        inductor = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default).absolute()
+    inductor.mkdir(parents=True, exist_ok=True)
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(inductor)
+    headers = tmp / Path(default).name
+    if not headers.exists() and not headers.is_symlink():
+        headers.symlink_to(inductor, target_is_directory=True)
+    return env
+
+
 @dataclass
 class VLLMEngineConfig:
     """How to build the vLLM engine.
 
     model_path: HF checkpoint dir with tokenizer, chat template and preprocessor config (the starting weights).
-    run_dir: vLLM / inductor caches and temp files go under ``run_dir/vllm``.
+    run_dir: vLLM's temp files go under ``run_dir/vllm``.
+    cache_dir: root of the compile caches (``inductor/``, ``vllm/``); None: ``$TORCHINDUCTOR_CACHE_DIR`` /
+        ``$VLLM_CACHE_ROOT`` when set, else torch's and vLLM's defaults, shared by every run (see ``compile_caches``).
     multiprocess: engine core in a child process (see module docstring); False only without a process group.
     dtype: ``float32`` on CPU (parity with the trainer); ``bfloat16`` / ``auto`` on GPU.
     tensor_parallel_size: vLLM's own TP (rollout TP; 1 = every owner holds the full model).
@@ -71,6 +105,7 @@ class VLLMEngineConfig:
     model_path: str
     run_dir: str
     multiprocess: bool = True
+    cache_dir: Optional[str] = None
     dtype: str = "float32"
     tensor_parallel_size: int = 1
     max_model_len: int = 2048
@@ -111,6 +146,7 @@ class VLLMEngine(RolloutEngine):
         self._usable = False
         self.needs_restart = False
         self._expected: Set[str] = set()
+        self._private_tmp: Optional[Path] = None
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def _set_environment(self) -> None:
@@ -119,20 +155,18 @@ class VLLMEngine(RolloutEngine):
 
         ensure_torchvision_importable()
         install_child_hook()  # vLLM's own child processes import torchvision before our code runs there
-        root = Path(self.config.run_dir).absolute() / "vllm"
-        for sub in ("cache", "inductor", "tmp"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
-        tmp = root / "tmp"
+        tmp = Path(self.config.run_dir).absolute() / "vllm" / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
         # vLLM puts its ZMQ IPC sockets in TMPDIR ("ipc://$TMPDIR/<uuid>"), and a Unix socket path may not exceed
         # 107 bytes: a deep run directory needs a short private temp dir instead.
         if len(str(tmp)) + len("/00000000-0000-0000-0000-000000000000") + 8 > 107:
             import tempfile
 
             tmp = Path(tempfile.mkdtemp(prefix="pgpo-vllm-", dir="/tmp" if os.path.isdir("/tmp") else None))
+            self._private_tmp = tmp  # removed by shutdown()
         env = {
             "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if self.config.multiprocess else "0",
-            "VLLM_CACHE_ROOT": str(root / "cache"),
-            "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
+            **compile_caches(self.config.cache_dir, tmp),
             "TMPDIR": str(tmp),
             "VLLM_LOGGING_LEVEL": self.config.log_level,
             "VLLM_NO_USAGE_STATS": "1",
@@ -194,6 +228,9 @@ class VLLMEngine(RolloutEngine):
             log.warning("vLLM engine shutdown raised %r", exc)
         del llm
         gc.collect()
+        if self._private_tmp is not None:
+            shutil.rmtree(self._private_tmp, ignore_errors=True)
+            self._private_tmp = None
 
     def restart(self) -> None:
         """Fresh engine from ``model_path`` (weight version 0): the way back from a failed reload."""

@@ -1,6 +1,7 @@
 """The real training loop, end to end on CPU: `megatron-pgpo train` with 2 processes (TP=2 with sequence
 parallelism, PP=2, DP=2), vLLM rollouts, rewards, the scoring pass, PGPO updates, weight sync, checkpoints, kill -9
 and resume, the HF export, and the per-step plumbing invariants the loop logs as ``check/*``."""
+import glob
 import json
 import os
 import signal
@@ -137,8 +138,12 @@ def test_real_loop_plumbing_at_pp2_and_dp2(tmp_path, demo_checkpoint, layout, np
     """Two steps of the real loop with pipeline stages / two data-parallel replicas (each with its own engine):
     the plumbing numbers hold, and a sample file with per-token S and PGPO weights is written."""
     run_dir = tmp_path / "run"
+    # This run dir is too deep for vLLM's IPC socket paths, so each engine uses a private /tmp dir: removed at exit.
+    private_tmp = set(glob.glob("/tmp/pgpo-vllm-*"))
     records = _train(run_dir, demo_checkpoint, 2, *overrides, "checkpoint.export_hf=false", "logging.samples_every=1",
                      "logging.samples_per_step=4", nproc=nproc)
+    assert len(str(run_dir / "vllm" / "tmp")) + 45 > 107
+    assert set(glob.glob("/tmp/pgpo-vllm-*")) <= private_tmp, "an engine left its private temp dir behind"
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
         assert r["actor/skipped_updates"] == 0.0
