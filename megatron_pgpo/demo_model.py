@@ -3,6 +3,14 @@ built-in task, warmed up on the answer *format* (random answers) so RL starts ab
 
 PGPO_SPEC.md section 6 measured this recipe: ~250 supervised steps on the format with random answers leave the
 model at ~0.95 format rate and chance accuracy (1/6 on the colour task); RL then has to learn to read the image.
+
+**[ours] The format is learned with and without the image.** Every warm-up step also trains the same targets on
+the visual-blind sequence (no token attends to the image: PGPO's text-only pass, PGPO_SPEC.md section 1). Trained
+only with the image, two of three seeds measured (transformers, k3 and exact) put a spurious visual dependency of
+S ~ 1-5 on ``</think>`` (the image tokens acted as an attention sink for "close the reasoning block") while every
+other token was at ~1e-5; PGPO then ranked ``</think>`` first in every response and gave the answer token weight 0
+for the whole run. With both variants, S after the warm-up is ~1e-5 on every token (as the spec measured), and
+the visual dependency RL finds is the one it creates: the answer reading the image.
 """
 from __future__ import annotations
 
@@ -66,9 +74,10 @@ def _encode(tokenizer, processor, example, response: str, image_token_id: int):
 
 
 def warm_up(path: Path, task: str = "colour", steps: int = 250, batch_size: int = 16, lr: float = 1e-3,
-            seed: int = 0, progress: bool = True) -> dict:
+            seed: int = 0, progress: bool = True, visual_blind: bool = True) -> dict:
     """Supervised warm-up on the format with random answers; overwrites the weights in ``path``.
 
+    ``visual_blind``: the loss is the mean of the normal forward's and the visual-blind forward's (module docstring).
     Returns ``{"loss": final loss, "seconds": wall time}``.
     """
     import time
@@ -110,9 +119,11 @@ def warm_up(path: Path, task: str = "colour", steps: int = 250, batch_size: int 
             labels[row, : len(l)] = torch.tensor(l)
             attention[row, : len(i)] = 1
         mm[ids == image_token_id] = 1
-        out = model(input_ids=ids, attention_mask=attention, labels=labels, mm_token_type_ids=mm,
-                    pixel_values=torch.cat([e[2] for e in encoded]), image_grid_thw=torch.cat([e[3] for e in encoded]))
-        loss = out.loss
+        images = dict(input_ids=ids, labels=labels, mm_token_type_ids=mm, pixel_values=torch.cat([e[2] for e in encoded]),
+                      image_grid_thw=torch.cat([e[3] for e in encoded]))
+        loss = model(attention_mask=attention, **images).loss
+        if visual_blind:
+            loss = 0.5 * (loss + model(**_visual_blind_inputs(images, attention, model.config)).loss)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -121,3 +132,17 @@ def warm_up(path: Path, task: str = "colour", steps: int = 250, batch_size: int 
             iterator.set_postfix(loss=f"{loss.item():.3f}")
     model.save_pretrained(path, safe_serialization=True)
     return {"loss": float(loss.detach()), "seconds": time.perf_counter() - start}
+
+
+def _visual_blind_inputs(images: dict, attention: torch.Tensor, config) -> dict:
+    """The same batch for a forward in which no token attends to an image token, at the original (3-D) positions:
+    a 4-D additive mask ``[B, 1, L, L]`` (causal, padding and image keys blocked) and ``position_ids [3, B, L]``."""
+    from .models.qwen2_5_vl.rope_index import get_rope_index
+    from .models.qwen2_5_vl.text_only import visual_blind_attention_mask
+
+    image_mask = images["mm_token_type_ids"].bool()
+    positions = get_rope_index(images["input_ids"], image_mask, images["image_grid_thw"],
+                               config.vision_config.spatial_merge_size, attention_mask=attention)
+    blocked = visual_blind_attention_mask(image_mask) | (attention == 0)[:, None, None, :]
+    additive = torch.zeros(blocked.shape).masked_fill(blocked, torch.finfo(torch.float32).min)
+    return dict(images, attention_mask=additive, position_ids=positions)
