@@ -33,6 +33,31 @@ def decode_payload(payload: Payload):
     return list(payload)
 
 
+#: Modules whose only tensors are buffers derived from the config (rotary tables, the image normalisation
+#: constants), never checkpoint weights: on every reload vLLM's layerwise loader warns "<Module>: Failed to load
+#: weights" for them and then restores the buffers itself (``reload/layerwise.py``), 3 lines per update.
+BUFFER_ONLY_MODULES = ("RotaryEmbedding", "MRotaryEmbedding", "FusedMMInputNorm")
+
+
+class _BufferOnlyReloadFilter:
+    """Drops vLLM's "Failed to load weights" warning for ``BUFFER_ONLY_MODULES`` only; any other module's keeps
+    reaching the log (there it would mean a weight the update did not carry)."""
+
+    def filter(self, record) -> bool:
+        if record.msg != "%s: Failed to load weights" or not record.args:
+            return True
+        return record.args[0] not in BUFFER_ONLY_MODULES
+
+
+def quiet_buffer_only_reload_warnings() -> None:
+    """Install the filter on vLLM's layerwise reload logger (idempotent)."""
+    import logging
+
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _BufferOnlyReloadFilter) for f in logger.filters):
+        logger.addFilter(_BufferOnlyReloadFilter())
+
+
 class PGPOWorkerExtension:
     """Methods added to vLLM's worker (see module docstring). State lives in ``self._pgpo``."""
 
@@ -41,6 +66,7 @@ class PGPOWorkerExtension:
         if state is None:
             state = {"version": 0, "pending": None, "received": set()}
             self._pgpo = state
+            quiet_buffer_only_reload_warnings()
         return state
 
     def pgpo_begin_update(self, version: int) -> int:
