@@ -68,6 +68,9 @@ def init_rank(cfg: Config, rank: int, world_size: int, master_addr: str, master_
     """Process group (gloo on CPU, nccl on GPU), CPU patches where needed, Megatron's parallel state."""
     import torch.distributed as dist
 
+    from ..compat.known_warnings import silence_known_warnings
+
+    silence_known_warnings()  # before Megatron's modules are imported: some warn at import time
     from ..compat.child_processes import install_child_hook
     from ..parallel.cpu_compat import apply_cpu_patches, set_model_parallel_layout
 
