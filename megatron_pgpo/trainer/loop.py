@@ -3,10 +3,11 @@
 A step:
  1. prompts: the next ``data.rollout_batch_size`` prompts of the deterministic stream; DP replica ``d`` takes
     prompts ``d, d + DP, ...``;
- 2. rollouts: each replica's engine owner samples ``rollout.n`` responses per prompt and scores them (reward);
-    everything is all-gathered, so every rank holds the whole rollout batch (for group statistics);
- 3. DAPO dynamic sampling (optional): groups whose rewards are all equal are dropped and more prompts sampled,
-    at most ``algorithm.dapo.max_sampling_rounds`` rounds;
+ 2. rollouts (``rollouts.Rollouts``): each replica's engine owner samples ``rollout.n`` responses per prompt and
+    scores them (reward); everything is all-gathered, so every rank holds the whole rollout batch (for group
+    statistics);
+ 3. DAPO dynamic sampling (optional, also in ``Rollouts``): groups whose rewards are all equal are dropped and
+    more prompts sampled, at most ``algorithm.dapo.max_sampling_rounds`` rounds;
  4. scoring pass (no grad, every mini-batch before any update): old log-probs, text-only log-probs, visual
     dependency S and entropy, reduced to per-token scalars on the last pipeline stage;
  5. advantages: group-normalised rewards for the whole batch, reshaped per token by the registered shaper
@@ -18,7 +19,6 @@ A step:
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -26,12 +26,13 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ..algorithms import ADVANTAGE_SHAPERS, dapo_keep_groups, group_normalized_advantages
+from ..algorithms import ADVANTAGE_SHAPERS, group_normalized_advantages
 from ..algorithms.dapo import overlong_soft_penalty
 from ..config import Config, to_dict
 from .batch import Sample, collate, length_bucketed_micro_batches
 from .diagnostics import log_samples, plumbing_checks, response_mask
-from .prompts import ImageEncoder, PromptStream, messages_for, split_round_robin
+from .prompts import PromptStream, split_round_robin
+from .rollouts import Rollouts
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,6 @@ class Trainer:
 
         from ..models.qwen2_5_vl.loading import load_hf_into_model
         from ..models.qwen2_5_vl.model import build_model
-        from ..rewards import RewardScorer
-        from ..rollout.weight_sync import is_engine_owner
         from .policy import MegatronPolicy
 
         self.cfg, self.dataset, self.val_dataset = cfg, dataset, val_dataset
@@ -70,124 +69,12 @@ class Trainer:
         self.policy = MegatronPolicy(model, cfg)
         self.image_token_id = model.image_token_id
         self.merge = model.spatial_merge_size
-        self.images = ImageEncoder(hf_path)
         self.stream = PromptStream(len(dataset), cfg.trainer.seed, cfg.data.shuffle)
         self.step = 0
-        self.owner = is_engine_owner()
-        self.engine = self._make_engine() if self.owner else None
-        self.scorer = RewardScorer(accuracy_weight=cfg.reward.accuracy_weight, format_weight=cfg.reward.format_weight,
-                                   timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers,
-                                   max_answer_chars=cfg.reward.max_answer_chars) if self.owner else None
+        self.rollouts = Rollouts(cfg, str(self.run_dir), self.image_token_id, self.dp, self.dp_rank)
         self.metrics = None
         self.preempted = False  # run() stopped early on a preemption signal (after saving)
         self._saved_step: Optional[int] = None  # step of the newest checkpoint this run wrote or resumed from
-
-    # ------------------------------------------------------------------------------------------------ set-up
-    def _make_engine(self):
-        from ..rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
-
-        r = self.cfg.rollout
-        on_cpu = not torch.cuda.is_available()
-        engine = VLLMEngine(VLLMEngineConfig(
-            model_path=self.cfg.model.hf_path, run_dir=str(self.run_dir), dtype="float32" if on_cpu else "auto",
-            tensor_parallel_size=self.cfg.parallel.rollout_tensor_parallel_size,
-            kv_cache_memory_bytes=r.kv_cache_memory_bytes if on_cpu else None,
-            gpu_memory_utilization=r.gpu_memory_utilization, seed=self.cfg.trainer.seed,
-            bucket_bytes=r.weight_sync_bucket_mb << 20))
-        engine.start()
-        return engine
-
-    def _sampling(self, greedy: bool = False, seed: Optional[int] = None, n: Optional[int] = None):
-        from ..rollout.engine import SamplingConfig
-
-        r = self.cfg.rollout
-        if greedy:
-            return SamplingConfig(n=1, temperature=0.0, max_tokens=r.max_new_tokens, seed=seed)
-        return SamplingConfig(n=n or r.n, temperature=r.temperature, top_p=r.top_p,
-                              top_k=r.top_k if r.top_k > 0 else 0, max_tokens=r.max_new_tokens, seed=seed)
-
-    # ------------------------------------------------------------------------------------------------ rollouts
-    def _generate(self, dataset, indices: List[int], sampling) -> List[Sample]:
-        """Sample and score this replica's share of ``indices``, then all-gather: every rank gets all Samples."""
-        from ..rollout.engine import RolloutRequest
-
-        mine = split_round_robin(indices, self.dp, self.dp_rank)
-        local: List[dict] = []
-        error: Optional[str] = None
-        try:
-            if self.owner and mine:
-                examples = [dataset[i] for i in mine]
-                outputs = self.engine.generate(
-                    [RolloutRequest(messages_for(e.question), e.image) for e in examples], sampling)
-                results = self.scorer.score_batch([o.text for o in outputs],
-                                                  [examples[o.request_index].answer for o in outputs])
-                for o, res in zip(outputs, results):
-                    local.append(dict(prompt_index=mine[o.request_index], prompt_ids=o.prompt_token_ids,
-                                      response_ids=o.response_token_ids, logprobs=o.logprobs,
-                                      truncated=o.finish_reason == "length", reward=res.score,
-                                      accuracy=res.accuracy, format=res.format, text=o.text))
-        except Exception as exc:  # noqa: BLE001 - every rank must learn of it, not wait in the gather below
-            log.exception("rollout failed on rank %d", self.rank)
-            error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
-        gathered: List[Optional[tuple]] = [None] * self.world
-        dist.all_gather_object(gathered, (local, error))
-        errors = [e for _, e in gathered if e]
-        if errors:
-            raise RuntimeError("rollout failed: " + "; ".join(errors))
-        gathered = [part for part, _ in gathered]
-        records = sorted((r for part in gathered if part for r in part),
-                         key=lambda r: indices.index(r["prompt_index"]))  # stable: sample order kept
-        samples = []
-        for rec in records:
-            example = dataset[rec["prompt_index"]]
-            pixels, grid = self.images((id(dataset), rec["prompt_index"]), example.image)
-            n_slots = sum(1 for t in rec["prompt_ids"] if t == self.image_token_id)
-            if n_slots != self.images.num_tokens(grid):
-                raise RuntimeError(f"the engine's prompt has {n_slots} image tokens but the image processor gives "
-                                   f"{self.images.num_tokens(grid)}: engine and trainer preprocess images differently")
-            samples.append(Sample(prompt_ids=list(rec["prompt_ids"]), response_ids=list(rec["response_ids"]) or [0],
-                                  reward=rec["reward"], group=rec["prompt_index"], truncated=rec["truncated"],
-                                  rollout_logprobs=rec["logprobs"], pixel_values=pixels, image_grid_thw=grid,
-                                  answer=example.answer, extra={**{k: rec[k] for k in ("accuracy", "format", "text")},
-                                         "question": getattr(example, "question", None)}))
-        return samples
-
-    def _rollout_batch(self) -> Tuple[List[Sample], Dict[str, float]]:
-        cfg = self.cfg
-        want = cfg.data.rollout_batch_size
-        kept: List[Sample] = []
-        stats = {"sampling/rounds": 0.0, "sampling/dropped_groups": 0.0}
-        all_samples: List[Sample] = []
-        for round_ in range(cfg.algorithm.dapo.max_sampling_rounds if cfg.algorithm.dapo.dynamic_sampling else 1):
-            need = want - len({s.group for s in kept})
-            if need <= 0:
-                break
-            indices = self.stream.take(need)
-            samples = self._generate(self.dataset, indices, self._sampling(seed=cfg.trainer.seed * 7919 + self.step
-                                                                            * 131 + round_))
-            all_samples += samples
-            stats["sampling/rounds"] += 1
-            if cfg.algorithm.dapo.dynamic_sampling:
-                rewards = torch.tensor([s.reward for s in samples])
-                groups = torch.tensor([s.group for s in samples])
-                keep = dapo_keep_groups(rewards, groups)
-                stats["sampling/dropped_groups"] += float(len(set(groups.tolist())) - len(set(groups[keep].tolist())))
-                samples = [s for s, k in zip(samples, keep.tolist()) if k]
-            kept += samples
-        if not kept:  # every group was uniform: train on nothing this step, but report the rollouts
-            return [], self._reward_stats(all_samples, stats)
-        return kept, self._reward_stats(all_samples, stats)
-
-    def _reward_stats(self, samples: List[Sample], stats: Dict[str, float]) -> Dict[str, float]:
-        n = max(len(samples), 1)
-        stats.update({
-            "reward/mean": sum(s.reward for s in samples) / n,
-            "reward/accuracy": sum(s.extra["accuracy"] for s in samples) / n,
-            "reward/format": sum(s.extra["format"] for s in samples) / n,
-            "response/length_mean": sum(len(s.response_ids) for s in samples) / n,
-            "response/clip_ratio": sum(s.truncated for s in samples) / n,
-        })
-        return stats
 
     # ------------------------------------------------------------------------------------------------ training
     def _mini_batches(self, samples: List[Sample]) -> List[List[int]]:
@@ -311,19 +198,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ sync, eval
     def _sync(self) -> float:
-        from ..rollout.weight_sync import sync_weights
-
-        t0 = time.perf_counter()
-        sync_weights(self.policy.module, self.engine, transformer_impl=self.cfg.model.transformer_impl)
-        return time.perf_counter() - t0
+        return self.rollouts.sync(self.policy.module, self.cfg.model.transformer_impl)
 
     def evaluate(self, limit: Optional[int] = None) -> float:
         """Greedy held-out accuracy (fraction of prompts answered correctly)."""
-        if self.val_dataset is None:
-            return float("nan")
-        count = len(self.val_dataset) if limit is None else min(limit, len(self.val_dataset))
-        samples = self._generate(self.val_dataset, list(range(count)), self._sampling(greedy=True, seed=0))
-        return sum(s.extra["accuracy"] for s in samples) / max(len(samples), 1)
+        return self.rollouts.evaluate(self.val_dataset, limit)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
@@ -376,7 +255,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 position = self.stream.position
                 try:
-                    samples, stats = self._rollout_batch()
+                    samples, stats = self.rollouts.batch(self.dataset, self.stream, self.step)
                 except Exception:
                     # Slurm signals every process of the job step, the vLLM engine's too: a rollout that failed
                     # after a preemption signal is dropped (nothing of this step was applied) and the last complete
@@ -439,7 +318,4 @@ class Trainer:
                                   transformer_impl=self.cfg.model.transformer_impl)
 
     def close(self) -> None:
-        if self.engine is not None:
-            self.engine.shutdown()
-        if self.scorer is not None:
-            self.scorer.close()
+        self.rollouts.close()

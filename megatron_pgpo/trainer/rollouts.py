@@ -1,0 +1,182 @@
+"""Rollouts for the training loop: prompts -> vLLM samples -> verified rewards -> ``Sample``s on every rank.
+
+Each data-parallel replica's engine owner (``weight_sync.is_engine_owner``: the first rank of its model-parallel
+group) holds a vLLM engine and a reward scorer, samples its round-robin share of the prompts and scores them; the
+results are all-gathered so that every rank holds the whole rollout batch (group statistics need all of a group).
+DAPO dynamic sampling (drop groups whose rewards are all equal, refill, bounded rounds) and the greedy held-out
+evaluation are built on the same ``generate``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..algorithms import dapo_keep_groups
+from ..config import Config
+from .batch import Sample
+from .prompts import ImageEncoder, PromptStream, messages_for, split_round_robin
+
+log = logging.getLogger(__name__)
+
+
+class Rollouts:
+    """This rank's part of sampling (one instance per rank; every method is called by all ranks in lockstep).
+
+    Args:
+        cfg: the run config (``rollout``, ``reward``, ``algorithm.dapo``, ``trainer.seed``, ``model.hf_path``).
+        run_dir: the run directory (the engine's temp files).
+        image_token_id: the checkpoint's ``<|image_pad|>`` id (a consistency check of the engine's prompts).
+        dp, dp_rank: data-parallel size and this rank's replica.
+    """
+
+    def __init__(self, cfg: Config, run_dir: str, image_token_id: int, dp: int, dp_rank: int):
+        from ..rewards import RewardScorer
+        from ..rollout.weight_sync import is_engine_owner
+
+        self.cfg, self.run_dir, self.image_token_id = cfg, run_dir, image_token_id
+        self.dp, self.dp_rank = dp, dp_rank
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.images = ImageEncoder(cfg.model.hf_path)
+        self.owner = is_engine_owner()
+        self.engine = self._make_engine() if self.owner else None
+        r = cfg.reward
+        self.scorer = RewardScorer(accuracy_weight=r.accuracy_weight, format_weight=r.format_weight,
+                                   timeout_s=r.timeout_s, num_workers=r.num_workers,
+                                   max_answer_chars=r.max_answer_chars) if self.owner else None
+
+    def _make_engine(self):
+        from ..rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
+
+        r = self.cfg.rollout
+        on_cpu = not torch.cuda.is_available()
+        engine = VLLMEngine(VLLMEngineConfig(
+            model_path=self.cfg.model.hf_path, run_dir=str(self.run_dir), dtype="float32" if on_cpu else "auto",
+            tensor_parallel_size=self.cfg.parallel.rollout_tensor_parallel_size,
+            kv_cache_memory_bytes=r.kv_cache_memory_bytes if on_cpu else None,
+            gpu_memory_utilization=r.gpu_memory_utilization, seed=self.cfg.trainer.seed,
+            bucket_bytes=r.weight_sync_bucket_mb << 20))
+        engine.start()
+        return engine
+
+    def sampling(self, greedy: bool = False, seed: Optional[int] = None, n: Optional[int] = None):
+        """The engine's ``SamplingConfig`` from ``rollout.*`` (greedy: one temperature-0 sample)."""
+        from ..rollout.engine import SamplingConfig
+
+        r = self.cfg.rollout
+        if greedy:
+            return SamplingConfig(n=1, temperature=0.0, max_tokens=r.max_new_tokens, seed=seed)
+        return SamplingConfig(n=n or r.n, temperature=r.temperature, top_p=r.top_p,
+                              top_k=r.top_k if r.top_k > 0 else 0, max_tokens=r.max_new_tokens, seed=seed)
+
+    def generate(self, dataset, indices: List[int], sampling) -> List[Sample]:
+        """Sample and score this replica's share of ``indices``, then all-gather: every rank gets all Samples, in
+        the order of ``indices`` (a prompt's samples in the engine's order)."""
+        from ..rollout.engine import RolloutRequest
+
+        mine = split_round_robin(indices, self.dp, self.dp_rank)
+        local: List[dict] = []
+        error: Optional[str] = None
+        try:
+            if self.owner and mine:
+                examples = [dataset[i] for i in mine]
+                outputs = self.engine.generate(
+                    [RolloutRequest(messages_for(e.question), e.image) for e in examples], sampling)
+                results = self.scorer.score_batch([o.text for o in outputs],
+                                                  [examples[o.request_index].answer for o in outputs])
+                for o, res in zip(outputs, results):
+                    local.append(dict(prompt_index=mine[o.request_index], prompt_ids=o.prompt_token_ids,
+                                      response_ids=o.response_token_ids, logprobs=o.logprobs,
+                                      truncated=o.finish_reason == "length", reward=res.score,
+                                      accuracy=res.accuracy, format=res.format, text=o.text))
+        except Exception as exc:  # noqa: BLE001 - every rank must learn of it, not wait in the gather below
+            log.exception("rollout failed on rank %d", self.rank)
+            error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
+        gathered: List[Optional[tuple]] = [None] * self.world
+        dist.all_gather_object(gathered, (local, error))
+        errors = [e for _, e in gathered if e]
+        if errors:
+            raise RuntimeError("rollout failed: " + "; ".join(errors))
+        records = sorted((r for part, _ in gathered if part for r in part),
+                         key=lambda r: indices.index(r["prompt_index"]))  # stable: sample order kept
+        return [self._sample(dataset, rec) for rec in records]
+
+    def _sample(self, dataset, rec: dict) -> Sample:
+        example = dataset[rec["prompt_index"]]
+        pixels, grid = self.images((id(dataset), rec["prompt_index"]), example.image)
+        n_slots = sum(1 for t in rec["prompt_ids"] if t == self.image_token_id)
+        if n_slots != self.images.num_tokens(grid):
+            raise RuntimeError(f"the engine's prompt has {n_slots} image tokens but the image processor gives "
+                               f"{self.images.num_tokens(grid)}: engine and trainer preprocess images differently")
+        return Sample(prompt_ids=list(rec["prompt_ids"]), response_ids=list(rec["response_ids"]) or [0],
+                      reward=rec["reward"], group=rec["prompt_index"], truncated=rec["truncated"],
+                      rollout_logprobs=rec["logprobs"], pixel_values=pixels, image_grid_thw=grid,
+                      answer=example.answer, extra={**{k: rec[k] for k in ("accuracy", "format", "text")},
+                                                    "question": getattr(example, "question", None)})
+
+    def batch(self, dataset, stream: PromptStream, step: int) -> Tuple[List[Sample], Dict[str, float]]:
+        """The step's training samples: ``data.rollout_batch_size`` prompts from ``stream``, ``rollout.n`` samples
+        each; with DAPO dynamic sampling, groups whose rewards are all equal are dropped and refilled with new
+        prompts for at most ``algorithm.dapo.max_sampling_rounds`` rounds. Returns (kept samples, ``sampling/*``,
+        ``reward/*`` and ``response/*`` statistics over everything sampled)."""
+        cfg = self.cfg
+        dapo = cfg.algorithm.dapo
+        kept: List[Sample] = []
+        everything: List[Sample] = []
+        stats = {"sampling/rounds": 0.0, "sampling/dropped_groups": 0.0}
+        for round_ in range(dapo.max_sampling_rounds if dapo.dynamic_sampling else 1):
+            need = cfg.data.rollout_batch_size - len({s.group for s in kept})
+            if need <= 0:
+                break
+            indices = stream.take(need)
+            samples = self.generate(dataset, indices, self.sampling(seed=cfg.trainer.seed * 7919 + step * 131
+                                                                    + round_))
+            everything += samples
+            stats["sampling/rounds"] += 1
+            if dapo.dynamic_sampling:
+                rewards = torch.tensor([s.reward for s in samples])
+                groups = torch.tensor([s.group for s in samples])
+                keep = dapo_keep_groups(rewards, groups)
+                stats["sampling/dropped_groups"] += float(len(set(groups.tolist())) - len(set(groups[keep].tolist())))
+                samples = [s for s, k in zip(samples, keep.tolist()) if k]
+            kept += samples
+        return kept, reward_stats(everything, stats)  # kept may be empty: every group was uniform
+
+    def evaluate(self, val_dataset, limit: Optional[int] = None) -> float:
+        """Greedy held-out accuracy (fraction of prompts answered correctly); NaN without a held-out set."""
+        if val_dataset is None:
+            return float("nan")
+        count = len(val_dataset) if limit is None else min(limit, len(val_dataset))
+        samples = self.generate(val_dataset, list(range(count)), self.sampling(greedy=True, seed=0))
+        return sum(s.extra["accuracy"] for s in samples) / max(len(samples), 1)
+
+    def sync(self, module, transformer_impl: str) -> float:
+        """Megatron weights -> this replica's engine (a collective over the model-parallel group); seconds."""
+        from ..rollout.weight_sync import sync_weights
+
+        t0 = time.perf_counter()
+        sync_weights(module, self.engine, transformer_impl=transformer_impl)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+        if self.scorer is not None:
+            self.scorer.close()
+
+
+def reward_stats(samples: List[Sample], stats: Dict[str, float]) -> Dict[str, float]:
+    """``stats`` plus the mean reward, accuracy, format rate, response length and truncated fraction of
+    ``samples`` (all zeros when there are none)."""
+    n = max(len(samples), 1)
+    stats.update({
+        "reward/mean": sum(s.reward for s in samples) / n,
+        "reward/accuracy": sum(s.extra["accuracy"] for s in samples) / n,
+        "reward/format": sum(s.extra["format"] for s in samples) / n,
+        "response/length_mean": sum(len(s.response_ids) for s in samples) / n,
+        "response/clip_ratio": sum(s.truncated for s in samples) / n,
+    })
+    return stats
