@@ -7,8 +7,8 @@ model at ~0.95 format rate and chance accuracy (1/6 on the colour task); RL then
 **[ours] The format is learned with and without the image.** Every warm-up step also trains the same targets on
 the visual-blind sequence (no token attends to the image: PGPO's text-only pass, PGPO_SPEC.md section 1). Trained
 only with the image, two of three seeds measured (transformers, k3 and exact) put a spurious visual dependency of
-S ~ 1-5 on ``</think>`` (the image tokens acted as an attention sink for "close the reasoning block") while every
-other token was at ~1e-5; PGPO then ranked ``</think>`` first in every response and gave the answer token weight 0
+S ~ 1-5 on ``</think>`` (the model relied on the image tokens to decide when to close the reasoning block) while
+every other token was at ~1e-5; PGPO then ranked ``</think>`` first in every response and gave the answer token weight 0
 for the whole run. With both variants, S after the warm-up is ~1e-5 on every token (as the spec measured), and
 the visual dependency RL finds is the one it creates: the answer reading the image.
 """
