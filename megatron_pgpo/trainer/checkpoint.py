@@ -85,7 +85,7 @@ def load_training_state(policy, directory: Path) -> Dict[str, Any]:
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    _materialise_optimizer_state(policy.optimizer)
+    _init_fresh_adam_state(policy.optimizer)  # the load needs the state's shapes, and so does the save
     loaded = dist_checkpointing.load(sharded_state(policy, is_loading=True), str(Path(directory) / "model_optim"))
     policy.module.load_state_dict(loaded["model"], strict=False)
     with torch.no_grad():
@@ -102,29 +102,13 @@ def _inner_optimizers(optimizer) -> list:
     return [(opt, getattr(opt, "optimizer", None)) for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
 
 
-def _materialise_optimizer_state(optimizer) -> None:
-    """A fresh optimizer has no Adam state, and without Apex/TE Megatron's ``state_dict`` asserts on the ``step``
-    of existing state: take one zero-gradient step first (Megatron's own dummy-state trick). Weight decay moves the
-    weights a little, which does not matter: the load overwrites weights and optimizer state alike."""
-    for opt, torch_opt in _inner_optimizers(optimizer):
-        if torch_opt is None or any(torch_opt.state.values()):
-            continue
-        if hasattr(opt, "_init_optimizer_states_with_dummy_values"):
-            opt._init_optimizer_states_with_dummy_values()
-            continue
-        for group in torch_opt.param_groups:
-            for param in group["params"]:
-                param.grad = torch.zeros_like(param)
-        torch_opt.step()
-        torch_opt.zero_grad()
-
-
 def _init_fresh_adam_state(optimizer) -> None:
     """Before its first step torch Adam has no state, and Megatron's ``state_dict`` (without Apex/TE) asserts that
     every parameter's ``step`` is the same value (``distrib_optimizer.py``: ``assert len(steps) == 1``), so a save
-    before any update (e.g. when dynamic sampling dropped every group so far) failed. Create exactly the state
-    Adam's first step would create (step 0, zero moments): no weight moves, and the next step proceeds as if the
-    state had been created lazily."""
+    before any update (e.g. when dynamic sampling dropped every group so far) failed, and a load into a fresh
+    optimizer has nothing to load into. Create exactly the state Adam's first step would create (step 0, zero
+    moments): no weight moves (unlike Megatron's dummy zero-gradient step, whose weight decay does), and the next
+    step proceeds as if the state had been created lazily."""
     for _, torch_opt in _inner_optimizers(optimizer):
         if not isinstance(torch_opt, (torch.optim.Adam, torch.optim.AdamW)):
             continue
@@ -152,8 +136,9 @@ def _adam_steps(optimizer) -> list:
 
 def _unshare_adam_steps(optimizer, saved_steps=None) -> None:
     """Give every parameter its own Adam ``step`` tensor (see the module docstring), set to the count saved with
-    the checkpoint when there is one: Megatron's load leaves a checkpoint taken before the first update at the
-    dummy state's step 1 (measured), which would skew the next bias correction."""
+    the checkpoint when there is one: Megatron's load does not restore the step of a checkpoint taken before the
+    first update (measured: it kept the step of the state it loaded into), which would skew the next bias
+    correction."""
     for k, (_, torch_opt) in enumerate(_inner_optimizers(optimizer)):
         if torch_opt is None:
             continue
