@@ -72,6 +72,11 @@ class TrainerConfig(Section):
     """Prompts per optimizer update (each with its rollout.n responses); must divide data.rollout_batch_size."""
     micro_batch_size: int = 8
     """Responses per forward/backward micro-batch on each data-parallel rank."""
+    share_prompts: bool = True
+    """Scoring and updates compute each prompt (and its image) once per micro-batch, packing the responses that
+    share it into one row with a block mask (trainer/packing.py; micro-batches then keep a prompt's responses
+    together); logits and gradients are the same. Used with the local layer spec; Transformer Engine's fused
+    causal attention takes no such mask, so there each response keeps its own row."""
     ppo_epochs: int = 1
     """Passes over each rollout batch (updates per batch = ppo_epochs x rollout_batch_size / global_batch_size)."""
     lr: float = 2e-4

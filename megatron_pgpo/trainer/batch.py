@@ -8,7 +8,7 @@ image or padding positions), so the same mask selects response tokens in the ids
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -46,7 +46,10 @@ class ModelBatch:
 
     input_ids ``[B, S]``; position_ids ``[3, B, S]``; image_mask ``bool[B, S]`` (prompt image slots);
     response_mask ``bool[B, S]``; pixel_values ``[patches, D]`` / image_grid_thw ``[images, 3]`` (or None);
-    text_only: the same sequences without visual tokens (original positions kept); indices: which samples.
+    text_only: the same sequences without visual tokens (original positions kept); indices: which samples;
+    lengths / prompt_lengths: real tokens / prompt tokens of each row; image_counts: images of each row (their
+    patches are consecutive in pixel_values); prompt_keys: rows with equal keys share prompt and images (the
+    same group), which ``packing.py`` uses to compute a prompt once.
     """
 
     input_ids: torch.Tensor
@@ -57,6 +60,10 @@ class ModelBatch:
     image_grid_thw: Optional[torch.Tensor]
     text_only: TextOnlyBatch
     indices: List[int]
+    lengths: List[int] = field(default_factory=list)
+    prompt_lengths: List[int] = field(default_factory=list)
+    image_counts: List[int] = field(default_factory=list)
+    prompt_keys: List[tuple] = field(default_factory=list)
 
     @property
     def num_response_tokens(self) -> int:
@@ -90,7 +97,10 @@ def collate(samples: Sequence[Sample], indices: Sequence[int], image_token_id: i
     position_ids = get_rope_index(input_ids, image_mask, grid, spatial_merge_size, attention_mask=attention)
     text_only = drop_visual_tokens(input_ids, position_ids, image_mask, pad_token_id, attention_mask=attention)
     return ModelBatch(input_ids, position_ids, image_mask, response_mask, pixel_values, grid, text_only,
-                      list(indices))
+                      list(indices), lengths=[s.length for s in chosen],
+                      prompt_lengths=[len(s.prompt_ids) for s in chosen],
+                      image_counts=[0 if s.image_grid_thw is None else int(s.image_grid_thw.shape[0]) for s in chosen],
+                      prompt_keys=[(s.group, tuple(s.prompt_ids)) for s in chosen])
 
 
 def length_bucketed_micro_batches(samples: Sequence[Sample], micro_batch_size: int) -> List[List[int]]:
@@ -98,6 +108,30 @@ def length_bucketed_micro_batches(samples: Sequence[Sample], micro_batch_size: i
     stays small; every index appears exactly once. Deterministic for a given input."""
     order = sorted(range(len(samples)), key=lambda i: (-samples[i].length, i))
     return [order[i: i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+
+
+def prompt_grouped_micro_batches(samples: Sequence[Sample], micro_batch_size: int) -> List[List[int]]:
+    """Like ``length_bucketed_micro_batches``, but the responses to one prompt stay together (longest prompts
+    first, then group, then response length), so a micro-batch holds few distinct prompts: what shared-prompt
+    packing (``packing.py``) computes once each. Every index appears exactly once; deterministic."""
+    order = sorted(range(len(samples)), key=lambda i: (-len(samples[i].prompt_ids), samples[i].group,
+                                                       -samples[i].length, i))
+    return [order[i: i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+
+
+def predicting_positions(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(batch_index [N], seq_index [N])`` of the logits that predict the ``N`` True tokens of ``mask [B, S]``
+    (each token's previous position), in row-major order: the order of ``values[mask]``."""
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    if bool((cols == 0).any()):
+        raise ValueError("a selected token at position 0 has no previous position to be predicted from")
+    return rows, cols - 1
+
+
+def scatter_to_mask(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values [N]`` (row-major over the True entries of ``mask [B, S]``) -> ``[B, S]``, zero elsewhere
+    (differentiable in ``values``)."""
+    return values.new_zeros(mask.shape).masked_scatter(mask, values)
 
 
 def token_logprobs_from_shifted(values: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from ..algorithms import ADVANTAGE_SHAPERS, group_normalized_advantages
 from ..algorithms.dapo import overlong_soft_penalty
 from ..config import Config, to_dict
-from .batch import Sample, collate, length_bucketed_micro_batches
+from .batch import Sample, collate, length_bucketed_micro_batches, prompt_grouped_micro_batches
 from .diagnostics import log_samples, plumbing_checks, response_mask
 from .prompts import PromptStream, split_round_robin
 from .rollouts import Rollouts
@@ -87,11 +87,14 @@ class Trainer:
         return [[i for g in order[k: k + size] for i in g] for k in range(0, len(order), size)]
 
     def _micro_batches(self, samples: List[Sample], indices: List[int]):
+        """This DP rank's share of ``indices`` in micro-batches: with the responses to one prompt together when the
+        policy packs shared prompts, else length-bucketed."""
         mine = split_round_robin(indices, self.dp, self.dp_rank)
         local = [samples[i] for i in mine]
         multiple = self.tp if self.cfg.parallel.sequence_parallel else 1
+        split = prompt_grouped_micro_batches if self.policy.share_prompts else length_bucketed_micro_batches
         return [collate(samples, [mine[j] for j in part], self.image_token_id, self.merge, pad_to_multiple_of=multiple)
-                for part in length_bucketed_micro_batches(local, self.cfg.trainer.micro_batch_size)]
+                for part in split(local, self.cfg.trainer.micro_batch_size)]
 
     def _advantages(self, samples: List[Sample], scored) -> Tuple[Dict[int, torch.Tensor], Dict[str, float],
                                                                    torch.Tensor]:

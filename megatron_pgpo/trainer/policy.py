@@ -6,6 +6,9 @@ text-only rows (visual tokens dropped, positions kept) stacked along the batch â
 both passes' vocab-parallel logits of the same tokens at once and reduces them to per-token scalars (old
 log-prob, text-only log-prob, visual dependency by k3 or the exact KL, entropy). Only scalars leave a micro-batch.
 
+Both passes ask the model for the logits that predict response tokens only (``logit_positions``): prompt, image
+and padding positions never reach the output layer or the vocab-parallel reductions.
+
 Update (``update``): the loss of each micro-batch is the registry loss with the *global* denominator (valid
 tokens, or responses, of the whole mini-batch across DP ranks). Megatron's schedule divides each micro-batch loss
 by the number of micro-batches and DDP averages gradients over DP ranks; the loss is multiplied by both factors
@@ -16,14 +19,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 
 from ..algorithms import POLICY_LOSSES
 from ..algorithms.visual_dependency import k3_divergence
 from ..parallel.vocab_parallel import vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_logprobs
-from .batch import ModelBatch, token_logprobs_from_shifted
+from .batch import ModelBatch, predicting_positions, scatter_to_mask, token_logprobs_from_shifted
+from .packing import images_of, pack_shared_prompts, shared_prompt_mask, sharing_supported, stack_packed
 
 
 def _stack_variants(mb: ModelBatch, pad_token_id: int = 0):
@@ -56,43 +60,54 @@ class ScoreOutput:
     entropy: torch.Tensor
 
 
+def logit_positions(mb: ModelBatch, text_only: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(batch_index [N'], seq_index [N'])`` of the logits the loss functions read: those predicting each of the
+    ``N`` response tokens of the image rows, then (``text_only``) of the text-only rows stacked below them
+    (``N' = 2N``; both halves in the same token order, see ``TextOnlyBatch.select``)."""
+    rows, cols = predicting_positions(mb.response_mask)
+    if not text_only:
+        return rows, cols
+    t_rows, t_cols = predicting_positions(mb.text_only.select(mb.response_mask))
+    return torch.cat([rows, t_rows + mb.input_ids.shape[0]]), torch.cat([cols, t_cols])
+
+
 def score_loss_func(mb: ModelBatch, extras: dict, output: torch.Tensor, *, vocab_size: int, estimator: str,
                     chunk_tokens: int, text_only: bool = True):
-    """Last-stage reduction of the stacked (image; text-only) logits ``[2B, S, V/TP]`` to per-token scalars.
+    """Last-stage reduction of the response-token logits to per-token scalars.
 
-    ``text_only=False``: ``output`` holds the image rows only (``[B, S, V/TP]``, no text-only pass: GRPO/DAPO);
-    ``logp_text`` and ``scores`` are then zeros.
+    ``output``: vocab-parallel logits ``[2N, V/TP]`` at ``logit_positions(mb, True)`` (image rows' ``N`` response
+    tokens, then the same tokens in the text-only rows); ``text_only=False``: ``[N, V/TP]``, the image rows only
+    (no text-only pass: GRPO/DAPO), and ``logp_text`` and ``scores`` are then zeros.
     """
-    batch, seq = mb.input_ids.shape
-    img_logits = output[:batch]
-    logp = shifted_logprobs(img_logits, mb.input_ids, vocab_size)
-    entropy = token_logprobs_from_shifted(vocab_parallel_entropy(img_logits[:, :-1], vocab_size=vocab_size))
-    if not text_only:
-        mask = mb.response_mask
-        zeros = torch.zeros_like(logp)
-        out = ScoreOutput(mb.indices, torch.where(mask, logp, zeros).detach(), zeros, zeros.clone(),
-                          torch.where(mask, entropy, zeros).detach())
-        return output.new_zeros(()), {"score": out}
-    txt_logits = output[batch:, : mb.text_only.input_ids.shape[1]]
-    logp_text = mb.text_only.restore(shifted_logprobs(txt_logits, mb.text_only.input_ids, vocab_size), seq)
-    if estimator == "k3":
-        scores = k3_divergence(logp, logp_text)
-    else:
-        # Position t - 1 predicts token t in both passes; the text-only logits are moved back to original positions.
-        txt_full = mb.text_only.restore(txt_logits, seq)
-        kl = vocab_parallel_kl(img_logits[:, :-1], txt_full[:, :-1], vocab_size=vocab_size, chunk_tokens=chunk_tokens)
-        scores = token_logprobs_from_shifted(kl)
     mask = mb.response_mask
-    out = ScoreOutput(mb.indices, *(torch.where(mask, x, torch.zeros_like(x)).detach()
-                                    for x in (logp, logp_text, scores, entropy)))
+    labels = mb.input_ids[mask]
+    n = labels.shape[0]
+    if output.shape[0] != (2 * n if text_only else n):
+        raise ValueError(f"{output.shape[0]} logit rows for {n} response tokens (text_only={text_only})")
+    img = output[:n]
+    # Both variants' log-probs in one call: the same all-reduces as the image rows alone, twice the tokens.
+    both = vocab_parallel_logprobs(output, torch.cat([labels, labels]) if text_only else labels, vocab_size=vocab_size)
+    logp = both[:n]
+    entropy = vocab_parallel_entropy(img, vocab_size=vocab_size)
+    if not text_only:
+        logp_text = scores = torch.zeros_like(logp)
+    else:
+        logp_text = both[n:]
+        if estimator == "k3":
+            scores = k3_divergence(logp, logp_text)
+        else:
+            scores = vocab_parallel_kl(img, output[n:], vocab_size=vocab_size, chunk_tokens=chunk_tokens)
+    out = ScoreOutput(mb.indices, *(scatter_to_mask(x.detach(), mask) for x in (logp, logp_text, scores, entropy)))
     return output.new_zeros(()), {"score": out}
 
 
 def update_loss_func(mb: ModelBatch, extras: Dict[str, torch.Tensor], output: torch.Tensor, *, vocab_size: int,
                      loss_name: str, loss_kwargs: dict, scale: float):
-    """Last-stage loss of one training micro-batch (see the module docstring for ``scale``)."""
-    logp = shifted_logprobs(output, mb.input_ids, vocab_size)
-    loss, metrics = POLICY_LOSSES.get(loss_name)(logp, extras["old_logp"], extras["advantages"], mb.response_mask,
+    """Last-stage loss of one training micro-batch from the response-token logits ``[N, V/TP]`` (see the module
+    docstring for ``scale``)."""
+    mask = mb.response_mask
+    logp = scatter_to_mask(vocab_parallel_logprobs(output, mb.input_ids[mask], vocab_size=vocab_size), mask)
+    loss, metrics = POLICY_LOSSES.get(loss_name)(logp, extras["old_logp"], extras["advantages"], mask,
                                                  **loss_kwargs)
     reported = {k: v.detach() for k, v in metrics.items()}
     reported["loss"] = loss.detach()
@@ -100,14 +115,44 @@ def update_loss_func(mb: ModelBatch, extras: Dict[str, torch.Tensor], output: to
     return loss * scale, reported
 
 
-def _forward_step(variant: str, loss_func, data_iterator, model):
+def model_inputs(mb: ModelBatch, variant: str, share_prompts: bool = False, width_multiple: int = 1) -> dict:
+    """Keyword arguments of the model's forward for one micro-batch.
+
+    ``variant``: ``score`` (image rows and text-only rows, stacked), ``score_image`` or ``update`` (image rows).
+    ``share_prompts``: each prompt once per micro-batch (``packing.py``). The logits come back in
+    ``logit_positions`` order either way: the image rows' response tokens, then (``score``) the same tokens in
+    the text-only rows.
+    """
+    text_only = variant == "score"
+    if not share_prompts:
+        ids, pos, img = _stack_variants(mb) if text_only else (mb.input_ids, mb.position_ids, mb.image_mask)
+        return dict(input_ids=ids, position_ids=pos, pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw,
+                    image_mask=img, logit_positions=logit_positions(mb, text_only))
+    image = pack_shared_prompts(mb.input_ids, mb.position_ids, mb.image_mask, mb.lengths, mb.prompt_lengths,
+                                mb.prompt_keys, width_multiple)
+    rows, cols = image.positions_of(*predicting_positions(mb.response_mask))
+    pixel_values, grid = images_of(image.members, mb.image_counts, mb.pixel_values, mb.image_grid_thw)
+    if not text_only:
+        return dict(input_ids=image.input_ids, position_ids=image.position_ids,
+                    attention_mask=shared_prompt_mask(image.segment), pixel_values=pixel_values,
+                    image_grid_thw=grid, image_mask=image.image_mask, logit_positions=(rows, cols))
+    t = mb.text_only
+    n_visual = mb.image_mask.sum(dim=1).tolist()
+    text = pack_shared_prompts(t.input_ids, t.position_ids, torch.zeros_like(t.valid),
+                               [n - v for n, v in zip(mb.lengths, n_visual)],
+                               [n - v for n, v in zip(mb.prompt_lengths, n_visual)], mb.prompt_keys)
+    t_rows, t_cols = text.positions_of(*predicting_positions(t.select(mb.response_mask)))
+    ids, pos, img, mask = stack_packed(image, text, width_multiple)
+    return dict(input_ids=ids, position_ids=pos, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grid,
+                image_mask=img, logit_positions=(torch.cat([rows, t_rows + image.input_ids.shape[0]]),
+                                                 torch.cat([cols, t_cols])))
+
+
+def _forward_step(variant: str, loss_func, share_prompts: bool, width_multiple: int, data_iterator, model):
     """Megatron ``forward_step_func``: run one micro-batch, return (output, loss closure)."""
     mb, extras = next(data_iterator)
-    if variant == "score":  # "score_image" and "update" run the image rows only
-        ids, pos, img = _stack_variants(mb)
-    else:
-        ids, pos, img = mb.input_ids, mb.position_ids, mb.image_mask
-    output = model(ids, pos, pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw, image_mask=img)
+    inputs = model_inputs(mb, variant, share_prompts, width_multiple)
+    output = model(inputs.pop("input_ids"), inputs.pop("position_ids"), **inputs)
     return output, partial(loss_func, mb, extras)
 
 
@@ -145,6 +190,8 @@ class MegatronPolicy:
         self.dp_size = ps.get_data_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group()
         self.is_last_stage = ps.is_pipeline_last_stage()
+        self.share_prompts = cfg.trainer.share_prompts and sharing_supported(cfg.model.transformer_impl)
+        self.width_multiple = ps.get_tensor_model_parallel_world_size() if self.tf_config.sequence_parallel else 1
 
     @property
     def module(self):
@@ -154,10 +201,12 @@ class MegatronPolicy:
              forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        # Shapes for the pipeline's first receive buffers; with PP > 1 the config's variable_seq_lengths makes the
+        # stages exchange each micro-batch's actual shape (packed rows differ in width and count).
         seq = max(mb.input_ids.shape[1] for mb in micro_batches)
         rows = max(mb.input_ids.shape[0] for mb in micro_batches) * (2 if variant == "score" else 1)
         return get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, variant, loss_func),
+            forward_step_func=partial(_forward_step, variant, loss_func, self.share_prompts, self.width_multiple),
             data_iterator=iter(list(zip(micro_batches, extras))),
             model=[self.model],
             num_microbatches=len(micro_batches),

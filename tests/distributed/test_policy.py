@@ -19,16 +19,19 @@ def _samples(seed=0):
     from megatron_pgpo.trainer.batch import Sample
 
     gen = torch.Generator().manual_seed(seed)
+    # Three groups (i % 3) as rollouts make them: one prompt and one image per group, group prompts of 9-11 tokens.
+    images = [torch.randn(16, 1176, generator=gen) for _ in range(3)]
     out = []
     for i in range(N_SAMPLES):
-        prompt = [5, 6 + i % 3, VISION_START_TOKEN_ID] + [IMAGE_TOKEN_ID] * 4 + [VISION_END_TOKEN_ID, 7]
+        g = i % 3
+        prompt = [5, 6 + g] + [8] * g + [VISION_START_TOKEN_ID] + [IMAGE_TOKEN_ID] * 4 + [VISION_END_TOKEN_ID, 7]
         response = torch.randint(0, 990, (2 + i,), generator=gen).tolist()
-        out.append(Sample(prompt_ids=prompt, response_ids=response, pixel_values=torch.randn(16, 1176, generator=gen),
+        out.append(Sample(prompt_ids=prompt, response_ids=response, pixel_values=images[g], group=g,
                           image_grid_thw=torch.tensor([[1, 4, 4]])))
     return out
 
 
-def _update_grads_vs_reference(hf_path, tp, aggregation, sp=False):
+def _update_grads_vs_reference(hf_path, tp, aggregation, sp=False, share_prompts=True):
     import torch
     from megatron.core import parallel_state as ps
 
@@ -37,7 +40,7 @@ def _update_grads_vs_reference(hf_path, tp, aggregation, sp=False):
     from megatron_pgpo.models.qwen2_5_vl.loading import load_hf_into_model
     from megatron_pgpo.models.qwen2_5_vl.model import build_model
     from megatron_pgpo.models.qwen2_5_vl.tiny import IMAGE_TOKEN_ID
-    from megatron_pgpo.trainer.batch import collate, length_bucketed_micro_batches
+    from megatron_pgpo.trainer.batch import collate, length_bucketed_micro_batches, prompt_grouped_micro_batches
     from megatron_pgpo.trainer.policy import MegatronPolicy, shifted_logprobs, update_loss_func
 
     # The reference never uses sequence parallelism; the model under test may (same weights, same names).
@@ -66,13 +69,18 @@ def _update_grads_vs_reference(hf_path, tp, aggregation, sp=False):
     # The distributed optimizer reduce-scatters: each DP rank holds the reduced gradient of its shard only.
     # All-reduce here so every rank's full gradient can be compared (the distributed path is tested below).
     cfg = load_config(None, [f"parallel.tensor_model_parallel_size={tp}", f"algorithm.aggregation={aggregation}",
-                             "parallel.use_distributed_optimizer=false", f"parallel.sequence_parallel={str(sp).lower()}"])
+                             "parallel.use_distributed_optimizer=false", f"parallel.sequence_parallel={str(sp).lower()}",
+                             f"trainer.share_prompts={str(share_prompts).lower()}"])
     policy = MegatronPolicy(model, cfg)
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     mine = list(range(dp_rank, N_SAMPLES, dp))
     local = [samples[i] for i in mine]
+    split = prompt_grouped_micro_batches if share_prompts else length_bucketed_micro_batches
     micro = [collate(samples, [mine[j] for j in idx], IMAGE_TOKEN_ID, 2, pad_to_multiple_of=multiple)
-             for idx in length_bucketed_micro_batches(local, 2)]
+             for idx in split(local, 4 if share_prompts else 2)]
+    assert policy.share_prompts == share_prompts
+    if share_prompts:  # a micro-batch holds two or more responses to one prompt, so packing is exercised
+        assert any(len(set(mb.prompt_keys)) < len(mb.prompt_keys) for mb in micro)
     # The scoring pass (image and text-only rows stacked) gives the reference's log-probs on response tokens.
     logp_err = 0.0
     for out in policy.score(micro):
@@ -97,11 +105,15 @@ def _update_grads_vs_reference(hf_path, tp, aggregation, sp=False):
             "grad_scale": scale, "logp_err": logp_err}
 
 
-@pytest.mark.parametrize("tp, aggregation, sp", [(1, "token-mean", False), (1, "seq-mean-token-mean", False),
-                                                 (2, "token-mean", False), (2, "token-mean", True)])
-def test_megatron_update_gradients_equal_whole_batch_reference(workers, tiny_hf_checkpoint, tp, aggregation, sp):
-    """DP=2 (tp=1) and TP=2 with sequence parallelism off and on, against one process's whole-batch autograd."""
-    results = workers.run(_update_grads_vs_reference, str(tiny_hf_checkpoint), tp, aggregation, sp, tp=tp)
+@pytest.mark.parametrize("tp, aggregation, sp, share_prompts", [
+    (1, "token-mean", False, True), (1, "seq-mean-token-mean", False, True), (1, "token-mean", False, False),
+    (2, "token-mean", False, True), (2, "token-mean", True, True), (2, "token-mean", True, False)])
+def test_megatron_update_gradients_equal_whole_batch_reference(workers, tiny_hf_checkpoint, tp, aggregation, sp,
+                                                               share_prompts):
+    """DP=2 (tp=1) and TP=2 with sequence parallelism off and on, with and without shared-prompt packing, against
+    one process's whole-batch autograd (every sequence in its own row)."""
+    results = workers.run(_update_grads_vs_reference, str(tiny_hf_checkpoint), tp, aggregation, sp, share_prompts,
+                          tp=tp)
     for r in results:
         assert r["n"] > 40  # language and vision parameters all received gradients
         assert r["grad_scale"] > 1e-3
@@ -111,6 +123,82 @@ def test_megatron_update_gradients_equal_whole_batch_reference(workers, tiny_hf_
         assert sum(r["loss"] for r in results) == pytest.approx(results[0]["ref_loss"], abs=1e-5)
     else:
         assert results[0]["loss"] == pytest.approx(results[0]["ref_loss"], abs=1e-5)
+
+
+def _score_vs_transformers(hf_path, tp, sp, share_prompts):
+    """The scoring pass (both estimators) at this layout vs. a plain full-vocabulary torch computation on the
+    transformers model's logits: the normal forward, and the visual-blind forward in its attention-mask form."""
+    from types import SimpleNamespace
+
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from megatron_pgpo.config import load_config
+    from megatron_pgpo.models.qwen2_5_vl.loading import load_hf_into_model
+    from megatron_pgpo.models.qwen2_5_vl.model import build_model
+    from megatron_pgpo.models.qwen2_5_vl.parity import hf_logits, load_hf_model
+    from megatron_pgpo.models.qwen2_5_vl.tiny import IMAGE_TOKEN_ID
+    from megatron_pgpo.trainer.batch import collate
+    from megatron_pgpo.trainer.policy import MegatronPolicy
+
+    samples = _samples()
+    full = collate(samples, list(range(N_SAMPLES)), IMAGE_TOKEN_ID, 2)
+    inputs = SimpleNamespace(input_ids=full.input_ids, pixel_values=full.pixel_values,
+                             image_grid_thw=full.image_grid_thw, image_mask=full.image_mask,
+                             position_ids=full.position_ids,
+                             attention_mask=torch.tensor([[t < s.length for t in range(full.input_ids.shape[1])]
+                                                          for s in samples]).long())
+    ref = hf_logits(load_hf_model(hf_path), inputs)
+    lp_img = torch.log_softmax(ref["image"][:, :-1].double(), -1)
+    lp_txt = torch.log_softmax(ref["text_only"][:, :-1].double(), -1)
+    target = full.input_ids[:, 1:, None]
+    pad = torch.nn.functional.pad
+    expected = {"logp": pad(lp_img.gather(-1, target)[..., 0], (1, 0)),
+                "logp_text": pad(lp_txt.gather(-1, target)[..., 0], (1, 0)),
+                "entropy": pad(-(lp_img.exp() * lp_img).sum(-1), (1, 0)),
+                "exact": pad((lp_img.exp() * (lp_img - lp_txt)).sum(-1), (1, 0))}
+    d = expected["logp_text"] - expected["logp"]
+    expected["k3"] = torch.expm1(d) - d
+
+    model = build_model(hf_path, tp=tp, sequence_parallel=sp)
+    load_hf_into_model(model, hf_path, ps.get_tensor_model_parallel_rank(), tp)
+    multiple = tp if sp else 1
+    # Micro-batches with 2-3 responses per prompt (shared) and with three different prompts (nothing shared).
+    micro = [collate(samples, idx, IMAGE_TOKEN_ID, 2, pad_to_multiple_of=multiple)
+             for idx in ([0, 3, 6], [1, 4, 7], [2, 5], [0, 4, 2])]
+    errors, scores = {}, {}
+    for estimator in ("k3", "exact"):
+        cfg = load_config(None, [f"parallel.tensor_model_parallel_size={tp}", f"algorithm.pgpo.estimator={estimator}",
+                                 f"parallel.sequence_parallel={str(sp).lower()}",
+                                 f"trainer.share_prompts={str(share_prompts).lower()}"])
+        for out in MegatronPolicy(model, cfg).score(micro):
+            for row, i in enumerate(out.indices):
+                mask = full.response_mask[i]
+                # A micro-batch is narrower than the whole batch, or wider (padded to a multiple of TP under SP).
+                width = min(out.logp.shape[1], mask.shape[0])
+                assert not mask[width:].any() and not out.logp[row][:width][~mask[:width]].any()
+                assert not out.logp[row][width:].any()
+                got = {"logp": out.logp[row], "logp_text": out.logp_text[row], "entropy": out.entropy[row],
+                       estimator: out.scores[row]}
+                for key, value in got.items():
+                    err = float((value[:width][mask[:width]].double() - expected[key][i][mask]).abs().max())
+                    errors[key] = max(errors.get(key, 0.0), err)
+                scores.setdefault(estimator, []).append(expected[estimator][i][mask])
+    return {"errors": errors, "score_scale": {k: float(torch.cat(v).abs().max()) for k, v in scores.items()}}
+
+
+@pytest.mark.parametrize("tp, sp, share_prompts", [(1, False, True), (1, False, False), (2, False, True),
+                                                   (2, True, True), (2, True, False)])
+def test_scoring_pass_equals_full_vocab_reference_on_transformers(workers, tiny_hf_checkpoint, tp, sp,
+                                                                  share_prompts):
+    """Old log-probs, text-only log-probs, entropy, k3 and the exact KL of every response token, computed from
+    the response-token logits only (each group's prompt once per micro-batch with ``share_prompts``), equal
+    torch's full-vocabulary numbers on transformers' two forwards of every sequence on its own."""
+    for r in workers.run(_score_vs_transformers, str(tiny_hf_checkpoint), tp, sp, share_prompts, tp=tp):
+        assert set(r["errors"]) == {"logp", "logp_text", "entropy", "k3", "exact"}
+        assert r["score_scale"]["k3"] > 1e-3 and r["score_scale"]["exact"] > 1e-3  # the image matters here
+        for key, err in r["errors"].items():
+            assert err < 2e-5, (key, r)
 
 
 def _one_step_params(hf_path, distributed_optimizer):

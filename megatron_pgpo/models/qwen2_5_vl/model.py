@@ -11,6 +11,10 @@
   batch-first here); padded vocabulary rows are not tokens (``vocab_size`` is the real size).
 * Text-only pass (PGPO_SPEC.md section 1): ``text_only.py`` drops the visual tokens and keeps the original
   position ids; this module just runs whatever sequence it is given, with or without pixel values.
+* Selected logits: ``forward(..., logit_positions=(batch_index, seq_index))`` runs the output layer on those
+  positions only and returns ``[N, V_padded / TP]``. RL needs logits where a response token is predicted, a
+  fraction of the sequence (prompt and image tokens are most of it), and the output layer with its vocab-parallel
+  reductions is the widest matmul of the model (``V / TP`` columns, 76k for Qwen2.5-VL at TP=2).
 
 State-dict layout (what the converter reads and writes): ``vision_model.*`` = the transformers ``visual.*``
 names; ``language_model.*`` = Megatron's GPT names (``embedding.word_embeddings.weight``,
@@ -18,7 +22,7 @@ names; ``language_model.*`` = Megatron's GPT names (``embedding.word_embeddings.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -73,6 +77,11 @@ class Qwen2_5_VLMegatronModel(nn.Module):
             vp_stage=vp_stage,
         )
         self.share_embeddings_and_output_weights = self.dims.tie_word_embeddings
+        self._logit_positions = None
+        self._sequence_parallel_override = False
+        if post_process:
+            self.language_model.output_layer.register_forward_pre_hook(self._select_logit_positions,
+                                                                       with_kwargs=True)
 
     def _build_vision_tower(self) -> nn.Module:
         from ...compat.torchvision_ops import ensure_torchvision_importable
@@ -84,6 +93,26 @@ class Qwen2_5_VLMegatronModel(nn.Module):
         vision_config._attn_implementation = "eager"  # deterministic and available everywhere
         tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config, dtype=self.config.params_dtype)
         return tower
+
+    def _select_logit_positions(self, layer, args, kwargs):
+        """Output-layer pre-hook: hidden ``[S(/TP), B, H]`` -> ``[N, 1, H]`` at ``self._logit_positions``.
+
+        Under sequence parallelism the hidden states are first gathered along S and the layer runs as a plain
+        column-parallel layer for this call (``forward`` switches it back; Megatron's ``GPTModel`` does the same
+        for last-token inference logits). The gather's backward only splits, because the non-sequence-parallel
+        layer already all-reduces its input gradient, so training gradients stay exact.
+        """
+        if self._logit_positions is None:
+            return None
+        hidden = args[0]
+        if layer.sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+            layer.sequence_parallel = False
+            self._sequence_parallel_override = True
+        batch_index, seq_index = self._logit_positions
+        return (hidden[seq_index, batch_index].unsqueeze(1), *args[1:]), kwargs
 
     # Megatron's pipeline schedules call this on every stage but the first.
     def set_input_tensor(self, input_tensor) -> None:
@@ -125,6 +154,7 @@ class Qwen2_5_VLMegatronModel(nn.Module):
         pixel_values: Optional[torch.Tensor] = None,
         image_grid_thw: Optional[torch.Tensor] = None,
         image_mask: Optional[torch.Tensor] = None,
+        logit_positions: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
         """Vocab-parallel logits ``[B, S, V_padded / TP]`` on the last stage, hidden states elsewhere.
 
@@ -135,14 +165,22 @@ class Qwen2_5_VLMegatronModel(nn.Module):
                 attention-mask form of the text-only pass; local spec only).
             pixel_values, image_grid_thw, image_mask: the image inputs (first stage only); omit for a text-only
                 sequence.
+            logit_positions: ``(batch_index [N], seq_index [N])`` int64: the last stage then returns the logits
+                at these positions only, ``[N, V_padded / TP]`` in the given order (ignored on other stages).
         """
         decoder_input = self.embed(input_ids, image_mask, pixel_values, image_grid_thw) if self.pre_process else None
-        output = self.language_model(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, decoder_input=decoder_input
-        )
-        if self.post_process:
-            return output  # GPTModel returns [B, S, V/TP] logits when no labels are given
-        return output
+        selected = self.post_process and logit_positions is not None
+        self._logit_positions = logit_positions if selected else None
+        try:
+            output = self.language_model(input_ids=input_ids, position_ids=position_ids,
+                                         attention_mask=attention_mask, decoder_input=decoder_input)
+        finally:
+            self._logit_positions = None
+            if self._sequence_parallel_override:  # set by the pre-hook for this call only
+                self.language_model.output_layer.sequence_parallel = True
+                self._sequence_parallel_override = False
+        # GPTModel returns [B, S, V/TP] logits when no labels are given ([1, N, V/TP] for selected positions).
+        return output[0] if selected else output
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """Megatron dist-checkpoint view: the language model's own, plus the vision tower as replicated tensors."""

@@ -32,6 +32,12 @@ class TextOnlyBatch:
     source_index: torch.Tensor
     valid: torch.Tensor
 
+    def select(self, mask: torch.Tensor) -> torch.Tensor:
+        """``bool[B, S']``: the kept tokens where ``mask [B, S]`` (on the original positions) is True, e.g. the
+        response mask in this batch's coordinates (visual tokens are never response tokens, so the order of the
+        selected tokens is the same in both)."""
+        return self.valid & mask.gather(1, self.source_index.clamp(min=0))
+
     def restore(self, values: torch.Tensor, seq_len: int, fill: float = 0.0) -> torch.Tensor:
         """Put per-token ``values [B, S', ...]`` back at their original positions: ``[B, seq_len, ...]``, with
         ``fill`` at the visual (dropped) and padded positions."""
