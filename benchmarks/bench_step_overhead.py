@@ -1,7 +1,7 @@
 """What PGPO costs per training step over DAPO: the same tiny config trained with DAPO, then PGPO (k3), then PGPO
 (exact KL), one after the other in this run, on the real loop (`megatron-pgpo train`, TP=2, vLLM rollouts).
 
-    .venv/bin/python benchmarks/bench_step_overhead.py [--steps 12] [--skip 2] [--preset tiny] [--out DIR]
+    .venv/bin/python benchmarks/bench_step_overhead.py [--steps 12] [--skip 2] [--rounds 2] [--preset tiny] [--out DIR]
 
 DAPO here is the ``grpo`` advantage shaper with token-mean loss and clip-higher: its scoring pass computes the
 old log-probs from the image rows only. PGPO's scoring pass stacks the text-only rows (image tokens dropped,
@@ -13,14 +13,17 @@ log-probs, or the exact KL over the vocab-parallel logits). So
 
 Every variant starts from the same warmed-up demo checkpoint with the same seeds; dynamic sampling is off so each
 step samples the same number of prompts, and the first ``--skip`` steps (engine and allocator warm-up) are left
-out. Per-step times are medians. On a shared 2-core machine rollouts dominate and timings are noisy: compare the
-rows of one run, and rerun if a background job was busy.
+out. The variants run ``--rounds`` times, in reversed order every other round (dapo, k3, exact, exact, k3, dapo,
+...), so a machine that slows down or speeds up during the benchmark does not favour one variant; per-step times
+are medians over the steps of all rounds, and each round's own ratios are printed too, as a measure of the noise.
+On a shared 2-core machine timings drift by several percent between runs: compare the rows of one run.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,6 +42,8 @@ TIMES = ("time/step", "time/rollout", "time/old_logprob", "time/update", "time/s
 
 def run_variant(name: str, checkpoint: Path, out: Path, steps: int, extra) -> list:
     run_dir = out / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
     cmd = [sys.executable, "-m", "megatron_pgpo.cli", "train", "examples/tiny_cpu.yaml",
            f"model.hf_path={checkpoint}", f"trainer.run_dir={run_dir}", f"trainer.total_steps={steps}",
            "trainer.eval_every=0", "checkpoint.save_every=0", "checkpoint.resume=false", "checkpoint.export_hf=false",
@@ -52,8 +57,8 @@ def run_variant(name: str, checkpoint: Path, out: Path, steps: int, extra) -> li
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def summarise(records: list, skip: int) -> dict:
-    kept = records[skip:]
+def summarise(kept: list) -> dict:
+    """Medians of the per-step times (and response length) of ``kept`` step records."""
     out = {k: statistics.median(r.get(k, 0.0) for r in kept) for k in TIMES}
     out["tokens"] = statistics.median(r["response/length_mean"] for r in kept)
     return out
@@ -63,12 +68,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12, help="training steps per variant (default 12)")
     parser.add_argument("--skip", type=int, default=2, help="first steps left out of the medians (default 2)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="runs of every variant, in alternating order (default 2)")
     parser.add_argument("--preset", default="tiny", help="tiny model preset (megatron_pgpo.models.qwen2_5_vl.tiny)")
     parser.add_argument("--out", type=Path, default=None, help="keep the run directories here (default: a temp dir)")
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides for every variant")
     args = parser.parse_args(argv)
     if args.steps <= args.skip:
         parser.error("--steps must be larger than --skip")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
 
     from megatron_pgpo.demo_model import build_demo_checkpoint, warm_up
 
@@ -78,12 +87,26 @@ def main(argv=None) -> int:
         print(f"building and warming up the demo checkpoint ({args.preset}) ...", flush=True)
         build_demo_checkpoint(checkpoint, task="colour", preset=args.preset, seed=0)
         warm_up(checkpoint, task="colour", seed=0, progress=False)
-        results = {}
-        for name in VARIANTS:
-            results[name] = summarise(run_variant(name, checkpoint, out, args.steps, args.overrides), args.skip)
+        steps = {name: [] for name in VARIANTS}
+        per_round = []
+        for r in range(args.rounds):
+            order = list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))
+            print(f"round {r + 1}/{args.rounds}: {', '.join(order)}", flush=True)
+            this_round = {}
+            for name in order:
+                kept = run_variant(name, checkpoint, out, args.steps, args.overrides)[args.skip:]
+                steps[name] += kept
+                this_round[name] = summarise(kept)
+            per_round.append(this_round)
+        results = {name: summarise(kept) for name, kept in steps.items()}
 
+    if args.rounds > 1:
+        print("\nstep time vs DAPO in each round (the spread is the machine's noise):")
+        for name in ("pgpo-k3", "pgpo-exact"):
+            ratios = [f"{rnd[name]['time/step'] / rnd['dapo']['time/step'] - 1:+.1%}" for rnd in per_round]
+            print(f"  {name}: {', '.join(ratios)}")
     base = results["dapo"]
-    print(f"\nmedian seconds per step over steps {args.skip + 1}..{args.steps} (TP=2, CPU)")
+    print(f"\nmedian seconds per step over steps {args.skip + 1}..{args.steps} of {args.rounds} round(s) (TP=2, CPU)")
     print(f"{'variant':<11} {'step':>7} {'rollout':>8} {'scoring':>8} {'update':>7} {'sync':>6} {'resp.len':>8} "
           f"{'step vs DAPO':>13} {'text-only pass':>15}")
     for name, r in results.items():

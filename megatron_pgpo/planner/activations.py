@@ -146,45 +146,40 @@ def in_flight_micro_batches(pp: int, stage: int, micro_batches: int) -> int:
     return max(1, min(pp - stage, micro_batches))
 
 
-def stacked_logits_bytes(rows: int, seq: int, vocab_shard: int, element_bytes: int) -> int:
-    """``[rows, seq, V_padded / TP]`` logits in the model dtype."""
-    return rows * seq * vocab_shard * element_bytes
+def update_logits_bytes(tokens: int, vocab_shard: int, element_bytes: int) -> int:
+    """Last stage, update pass: the model computes logits only where a response token is predicted (``tokens`` =
+    micro-batch x response length, at most), ``[tokens, V_padded / TP]`` in the model dtype; our log-prob function
+    saves them (no copy) and the backward pass adds their gradient: 2 x logits."""
+    return 2 * tokens * vocab_shard * element_bytes
 
 
-def update_logits_bytes(micro_batch: int, seq: int, vocab_shard: int, element_bytes: int) -> int:
-    """Last stage, update pass: the flattened logits our log-prob function saves, their gradient and its
-    un-flattened copy (3 x ``[b, s, V/TP]`` in the model dtype) at the start of the backward pass."""
-    return 3 * stacked_logits_bytes(micro_batch, seq, vocab_shard, element_bytes)
+def _reduction_workspace(tokens: int, vocab_shard: int, estimator: str, chunk_tokens: int, text_only_pass: bool,
+                         default_chunk_bytes: int) -> int:
+    """fp32 chunk buffers of the vocab-parallel reductions: two ``[chunk, V/TP]``, ~4 MiB each for log-probs and
+    entropy, ``chunk = algorithm.pgpo.kl_chunk_tokens`` for the exact KL (they run one after the other)."""
+    workspace = 2 * max(default_chunk_bytes, 4 * 4 * vocab_shard)
+    if text_only_pass and estimator == "exact":
+        workspace = max(workspace, 2 * min(chunk_tokens, tokens) * vocab_shard * 4)
+    return workspace
 
 
-def scoring_logits_bytes(micro_batch: int, seq: int, vocab_shard: int, element_bytes: int, estimator: str,
-                         chunk_tokens: int, text_only_pass: bool = True, default_chunk_bytes: int = 4 << 20) -> int:
+def scoring_logits_bytes(tokens: int, vocab_shard: int, element_bytes: int, estimator: str, chunk_tokens: int,
+                         text_only_pass: bool = True, default_chunk_bytes: int = 4 << 20) -> int:
     """Last stage, scoring pass (no gradient): peak bytes of the logits.
 
-    With the text-only pass (PGPO, or ``algorithm.monitor_visual_dependency``) the pass carries ``2b`` rows, image
-    then text-only (``policy._stack_variants``); GRPO/DAPO run the ``b`` image rows only. GPTModel returns
-    ``transpose(0, 1).contiguous()`` of its ``[s, rows, V/TP]`` output, so both exist at once (2 x logits). The
-    vocab-parallel reductions then copy one half at a time (slicing off the last position) and work in fp32
-    chunks: two ``[chunk, V/TP]`` fp32 buffers, ``chunk = algorithm.pgpo.kl_chunk_tokens`` for the exact KL and
-    ~4 MiB per buffer for log-probs / entropy; the exact estimator also keeps a re-aligned copy of the text-only
-    half and copies both halves.
+    Logits exist only where a response token is predicted (``tokens`` = micro-batch x response length, at most):
+    for the image rows and, with the text-only pass (PGPO, or ``algorithm.monitor_visual_dependency``), for the
+    same tokens in the text-only rows, ``[2 tokens, V/TP]`` (``[tokens, V/TP]`` for GRPO/DAPO) in the model
+    dtype. The vocab-parallel reductions read them in place, plus their fp32 chunk buffers.
     """
-    rows = 2 * micro_batch if text_only_pass else micro_batch
-    stacked = stacked_logits_bytes(rows, seq, vocab_shard, element_bytes)
-    half = stacked // 2
-    if text_only_pass and estimator == "exact":
-        workspace = 2 * min(chunk_tokens, micro_batch * seq) * vocab_shard * 4
-        reduction = stacked + 3 * half + workspace
-    else:
-        workspace = 2 * max(default_chunk_bytes, 4 * 4 * vocab_shard)
-        reduction = stacked + (half if text_only_pass else stacked) + workspace
-    return max(2 * stacked, reduction)
+    rows = 2 * tokens if text_only_pass else tokens
+    return rows * vocab_shard * element_bytes + _reduction_workspace(tokens, vocab_shard, estimator, chunk_tokens,
+                                                                     text_only_pass, default_chunk_bytes)
 
 
-def unchunked_scoring_logits_bytes(micro_batch: int, seq: int, vocab_shard: int, element_bytes: int,
+def unchunked_scoring_logits_bytes(tokens: int, vocab_shard: int, element_bytes: int,
                                    text_only_pass: bool = True) -> int:
-    """The same pass with a plain fp32 log-softmax of all its rows: the logits plus ``rows x s x V/TP x 4`` bytes
-    (``2 x b x s x V/TP x 4`` with the text-only pass): what the chunked reductions avoid."""
-    rows = 2 * micro_batch if text_only_pass else micro_batch
-    stacked = stacked_logits_bytes(rows, seq, vocab_shard, element_bytes)
-    return max(2 * stacked, stacked + stacked_logits_bytes(rows, seq, vocab_shard, 4))
+    """The same pass with a plain fp32 log-softmax of all its rows: the logits plus ``rows x V/TP x 4`` bytes:
+    what the chunked reductions avoid."""
+    rows = 2 * tokens if text_only_pass else tokens
+    return rows * vocab_shard * (element_bytes + 4)

@@ -10,7 +10,7 @@ A GPU of a colocated run holds two things at once (our loop keeps the vLLM engin
 * Training, in the rest minus a flat reserve (CUDA context, NCCL buffers, allocator fragmentation: not modelled):
   weights + gradients + optimizer state (``buffers.py``, exact), plus the larger of the update pass (activations of
   the in-flight micro-batches, the vision tower's on the first stage, the logits and their gradient on the last)
-  and the scoring pass (no gradient: the stacked image + text-only logits on the last stage).
+  and the scoring pass (no gradient: the image and text-only logits of the response tokens on the last stage).
 
 The vLLM engine runs on the GPUs of stage 0's TP rank 0 and its rollout-TP peers; every GPU is charged for it,
 which is exact for those and conservative for the rest.
@@ -208,10 +208,11 @@ def stage_memory(shape: ModelShape, layout: Layout, workload: Workload, stage: i
     update_logits = scoring = unchunked = 0
     if stage == pp - 1:
         vocab_shard = padded_vocab_size(t.vocab_size, layout.make_vocab_size_divisible_by, tp) // tp
-        update_logits = update_logits_bytes(b, s, vocab_shard, element)
-        scoring = scoring_logits_bytes(b, s, vocab_shard, element, workload.estimator, workload.kl_chunk_tokens,
+        tokens = b * workload.response_length  # logits only where a response token is predicted
+        update_logits = update_logits_bytes(tokens, vocab_shard, element)
+        scoring = scoring_logits_bytes(tokens, vocab_shard, element, workload.estimator, workload.kl_chunk_tokens,
                                        workload.text_only_pass)
-        unchunked = unchunked_scoring_logits_bytes(b, s, vocab_shard, element, workload.text_only_pass)
+        unchunked = unchunked_scoring_logits_bytes(tokens, vocab_shard, element, workload.text_only_pass)
     return StageMemory(stage=stage, parameters=sum(x.numel for x in tensors), weights=state.weights,
                        grads=state.grads, optimizer=state.optimizer, activations=int(activations),
                        vision_activations=int(vision), update_logits=update_logits, scoring_logits=scoring,

@@ -13,7 +13,7 @@ import pytest
 
 from megatron_pgpo.models.qwen2_5_vl.hf_config import padded_vocab_size
 from megatron_pgpo.planner.activations import (layer_activation_bytes, scoring_logits_bytes,
-                                               unchunked_scoring_logits_bytes)
+                                               unchunked_scoring_logits_bytes, update_logits_bytes)
 from megatron_pgpo.planner.buffers import ddp_buffer_layout, optimizer_shard_numel, training_state_bytes
 from megatron_pgpo.planner.model_size import (ModelShape, TensorSpec, hf_parameter_count, megatron_parameter_count,
                                               stage_parameter_count, stage_tensors)
@@ -167,15 +167,17 @@ def test_vision_activations_equal_what_the_tower_saves(images):
 
 
 def test_logits_terms_by_hand():
-    b, s, v = 2, 6144, 152064 // 8
-    stacked = 2 * b * s * v * 2  # bf16 image + text-only rows
-    assert unchunked_scoring_logits_bytes(b, s, v, 2) == stacked + 2 * b * s * v * 4
-    assert scoring_logits_bytes(b, s, v, 2, "k3", 1024) == 2 * stacked  # the transposed copy dominates
-    exact = scoring_logits_bytes(b, s, v, 2, "exact", 1024)
-    assert exact == stacked + 3 * stacked // 2 + 2 * 1024 * v * 4
-    # GRPO/DAPO: no text-only rows; the logits, one flattened copy and two 4 MiB fp32 buffers
-    assert scoring_logits_bytes(b, s, v, 2, "k3", 1024, text_only_pass=False) == stacked + 2 * (4 << 20)
-    assert unchunked_scoring_logits_bytes(b, s, v, 2, text_only_pass=False) == stacked // 2 + b * s * v * 4
+    tokens, v = 2 * 2048, 152064 // 8  # micro-batch 2, responses of 2048 tokens, 72B's vocabulary at TP=8
+    stacked = 2 * tokens * v * 2  # bf16 image + text-only rows of the response tokens
+    buffers = 2 * (4 << 20)  # two 4 MiB fp32 chunks
+    assert unchunked_scoring_logits_bytes(tokens, v, 2) == stacked + 2 * tokens * v * 4
+    assert scoring_logits_bytes(tokens, v, 2, "k3", 1024) == stacked + buffers
+    assert scoring_logits_bytes(tokens, v, 2, "exact", 1024) == stacked + 2 * 1024 * v * 4
+    assert scoring_logits_bytes(tokens, v, 2, "exact", 16) == stacked + buffers  # tiny KL chunks: log-probs' rule
+    # GRPO/DAPO: no text-only rows
+    assert scoring_logits_bytes(tokens, v, 2, "k3", 1024, text_only_pass=False) == stacked // 2 + buffers
+    assert unchunked_scoring_logits_bytes(tokens, v, 2, text_only_pass=False) == stacked // 2 + tokens * v * 4
+    assert update_logits_bytes(tokens, v, 2) == 2 * tokens * v * 2  # logits and their gradient
 
 
 def test_memory_plan_by_hand(shapes):

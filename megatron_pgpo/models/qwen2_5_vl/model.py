@@ -179,8 +179,9 @@ class Qwen2_5_VLMegatronModel(nn.Module):
             if self._sequence_parallel_override:  # set by the pre-hook for this call only
                 self.language_model.output_layer.sequence_parallel = True
                 self._sequence_parallel_override = False
-        # GPTModel returns [B, S, V/TP] logits when no labels are given ([1, N, V/TP] for selected positions).
-        return output[0] if selected else output
+        # GPTModel returns [B, S, V/TP] logits when no labels are given ([1, N, V/TP] for selected positions;
+        # squeeze, a view in both directions, where indexing [0] would allocate a zero-filled gradient).
+        return output.squeeze(0) if selected else output
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """Megatron dist-checkpoint view: the language model's own, plus the vision tower as replicated tensors."""
