@@ -7,7 +7,9 @@ both passes' vocab-parallel logits of the same tokens at once and reduces them t
 log-prob, text-only log-prob, visual dependency by k3 or the exact KL, entropy). Only scalars leave a micro-batch.
 
 Both passes ask the model for the logits that predict response tokens only (``logit_positions``): prompt, image
-and padding positions never reach the output layer or the vocab-parallel reductions.
+and padding positions never reach the output layer or the vocab-parallel reductions. With ``share_prompts``
+(``trainer.share_prompts`` on the local layer spec) the responses to one prompt share a row in each variant, so
+the prompt and its image are computed once per micro-batch (``model_inputs``, ``packing.py``).
 
 Update (``update``): the loss of each micro-batch is the registry loss with the *global* denominator (valid
 tokens, or responses, of the whole mini-batch across DP ranks). Megatron's schedule divides each micro-batch loss
