@@ -132,9 +132,3 @@ def scatter_to_mask(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``values [N]`` (row-major over the True entries of ``mask [B, S]``) -> ``[B, S]``, zero elsewhere
     (differentiable in ``values``)."""
     return values.new_zeros(mask.shape).masked_scatter(mask, values)
-
-
-def token_logprobs_from_shifted(values: torch.Tensor) -> torch.Tensor:
-    """Align per-position values computed from logits ``[B, S-1]`` (position ``t`` predicts ``t + 1``) to
-    the predicted tokens: ``[B, S]`` with 0 at position 0."""
-    return torch.cat([values.new_zeros(values.shape[0], 1), values], dim=1)

@@ -28,7 +28,7 @@ import torch
 from ..algorithms import POLICY_LOSSES
 from ..algorithms.visual_dependency import k3_divergence
 from ..parallel.vocab_parallel import vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_logprobs
-from .batch import ModelBatch, predicting_positions, scatter_to_mask, token_logprobs_from_shifted
+from .batch import ModelBatch, predicting_positions, scatter_to_mask
 from .packing import images_of, pack_shared_prompts, shared_prompt_mask, sharing_supported, stack_packed
 
 
@@ -43,12 +43,6 @@ def _stack_variants(mb: ModelBatch, pad_token_id: int = 0):
     t_pos = torch.nn.functional.pad(t.position_ids, (0, pad), mode="replicate") if pad else t.position_ids
     return (torch.cat([ids, t_ids]), torch.cat([pos, t_pos], dim=1),
             torch.cat([img, torch.zeros_like(t_ids, dtype=torch.bool)]))
-
-
-def shifted_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, vocab_size: int, tp_group=None) -> torch.Tensor:
-    """``[B, S]`` log-prob of each token given its prefix from vocab-parallel ``logits [B, S, V/TP]``."""
-    lp = vocab_parallel_logprobs(logits[:, :-1], input_ids[:, 1:], vocab_size=vocab_size, tp_group=tp_group)
-    return token_logprobs_from_shifted(lp)
 
 
 @dataclass
@@ -140,8 +134,7 @@ def model_inputs(mb: ModelBatch, variant: str, share_prompts: bool = False, widt
                     image_grid_thw=grid, image_mask=image.image_mask, logit_positions=(rows, cols))
     t = mb.text_only
     n_visual = mb.image_mask.sum(dim=1).tolist()
-    text = pack_shared_prompts(t.input_ids, t.position_ids, torch.zeros_like(t.valid),
-                               [n - v for n, v in zip(mb.lengths, n_visual)],
+    text = pack_shared_prompts(t.input_ids, t.position_ids, torch.zeros_like(t.valid), t.valid.sum(dim=1).tolist(),
                                [n - v for n, v in zip(mb.prompt_lengths, n_visual)], mb.prompt_keys)
     t_rows, t_cols = text.positions_of(*predicting_positions(t.select(mb.response_mask)))
     ids, pos, img, mask = stack_packed(image, text, width_multiple)

@@ -31,6 +31,17 @@ def _samples(seed=0):
     return out
 
 
+def shifted_logprobs(logits, input_ids, vocab_size):
+    """Reference: ``[B, S]`` log-prob of every token given its prefix, from the full-sequence vocab-parallel
+    ``logits [B, S, V/TP]`` (0 at position 0), the way the policy computed them before response-token logits."""
+    import torch
+
+    from megatron_pgpo.parallel.vocab_parallel import vocab_parallel_logprobs
+
+    lp = vocab_parallel_logprobs(logits[:, :-1], input_ids[:, 1:], vocab_size=vocab_size)
+    return torch.nn.functional.pad(lp, (1, 0))
+
+
 def _update_grads_vs_reference(hf_path, tp, aggregation, sp=False, share_prompts=True):
     import torch
     from megatron.core import parallel_state as ps
@@ -41,7 +52,7 @@ def _update_grads_vs_reference(hf_path, tp, aggregation, sp=False, share_prompts
     from megatron_pgpo.models.qwen2_5_vl.model import build_model
     from megatron_pgpo.models.qwen2_5_vl.tiny import IMAGE_TOKEN_ID
     from megatron_pgpo.trainer.batch import collate, length_bucketed_micro_batches, prompt_grouped_micro_batches
-    from megatron_pgpo.trainer.policy import MegatronPolicy, shifted_logprobs, update_loss_func
+    from megatron_pgpo.trainer.policy import MegatronPolicy, update_loss_func
 
     # The reference never uses sequence parallelism; the model under test may (same weights, same names).
     ref = build_model(hf_path, tp=tp)
@@ -262,7 +273,7 @@ def _pipeline_case(hf_path):
     from megatron_pgpo.models.qwen2_5_vl.hf_config import to_transformer_config
     from megatron_pgpo.models.qwen2_5_vl.tiny import IMAGE_TOKEN_ID
     from megatron_pgpo.trainer.batch import collate, length_bucketed_micro_batches
-    from megatron_pgpo.trainer.policy import MegatronPolicy, shifted_logprobs
+    from megatron_pgpo.trainer.policy import MegatronPolicy
 
     pp_rank = ps.get_pipeline_model_parallel_rank()
     samples = _samples()

@@ -3,7 +3,7 @@ positions match the rope index of each sequence alone, micro-batches cover every
 import torch
 
 from megatron_pgpo.models.qwen2_5_vl.rope_index import get_rope_index
-from megatron_pgpo.trainer.batch import Sample, collate, length_bucketed_micro_batches, token_logprobs_from_shifted
+from megatron_pgpo.trainer.batch import Sample, collate, length_bucketed_micro_batches
 
 IMG, VS, VE = 999, 996, 997
 
@@ -43,8 +43,3 @@ def test_micro_batches_cover_every_sample_once_and_bucket_by_length():
     parts = length_bucketed_micro_batches(samples, 2)
     assert sorted(i for p in parts for i in p) == list(range(5))
     assert parts[0] == [1, 3] and [len(p) for p in parts] == [2, 2, 1]
-
-
-def test_token_logprobs_alignment():
-    shifted = torch.tensor([[0.1, 0.2, 0.3]])
-    torch.testing.assert_close(token_logprobs_from_shifted(shifted), torch.tensor([[0.0, 0.1, 0.2, 0.3]]))
