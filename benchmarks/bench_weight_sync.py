@@ -110,7 +110,7 @@ def main() -> None:
 
     import torch
 
-    from megatron_pgpo.parallel.cpu_compat import init_cpu_distributed
+    from megatron_pgpo.compat.megatron_cpu import init_cpu_distributed
     from megatron_pgpo.rollout.check_sync import load_megatron
     from megatron_pgpo.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
     from megatron_pgpo.rollout.weight_sync import iter_full_model_hf_tensors, sync_weights

@@ -54,10 +54,19 @@ class ParallelConfig(Section):
     use_distributed_optimizer: bool = True
     """Shard optimizer state across data-parallel ranks (Megatron's distributed optimizer)."""
     rollout_tensor_parallel_size: int = 1
-    """Tensor-parallel degree of the vLLM rollout engine (independent of training TP)."""
+    """Tensor-parallel degree of the vLLM rollout engine (independent of training TP). Its GPUs are those of the
+    engine's own data-parallel replica on the owner's node (parallel/placement.py); at most TP x PP."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where each rank computes: auto = its GPU when CUDA is available (GPU LOCAL_RANK with all of a node's GPUs
+    visible, or the one GPU bound to the task, e.g. srun --gpus-per-task=1), else the CPU with gloo."""
+    distributed_timeout_minutes: int = 60
+    """Timeout of every process group (the default group and Megatron's). Ranks wait in a collective while the
+    engine owners generate a rollout batch, restart an engine or write a checkpoint: raise it when one of those
+    takes longer (a 72B rollout of 384 x 5 x 2048 tokens can)."""
 
     def validate(self) -> None:
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "rollout_tensor_parallel_size"):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "rollout_tensor_parallel_size",
+                     "distributed_timeout_minutes"):
             require_positive(f"parallel.{name}", getattr(self, name))
         require(
             not self.sequence_parallel or self.tensor_model_parallel_size > 1,

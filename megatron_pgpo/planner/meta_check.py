@@ -61,7 +61,7 @@ def _build_shards(requests: Sequence[dict]) -> List[dict]:
     from torch.testing._internal.distributed.fake_pg import FakeStore  # private: torch is pinned
 
     from ..models.qwen2_5_vl.model import build_model
-    from ..parallel.cpu_compat import apply_cpu_patches
+    from ..compat.megatron_cpu import apply_cpu_patches
 
     apply_cpu_patches(force=True)  # meta builds only: no CUDA call may allocate, on any machine
     from megatron.core import parallel_state as ps

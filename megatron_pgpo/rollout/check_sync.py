@@ -152,7 +152,7 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
 def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, result_queue) -> None:
     import torch
 
-    from ..parallel.cpu_compat import init_cpu_distributed
+    from ..compat.megatron_cpu import init_cpu_distributed
     from .engine import RolloutRequest, SamplingConfig
     from .vllm_engine import VLLMEngine, VLLMEngineConfig
     from .weight_sync import is_engine_owner, save_hf_checkpoint, sync_weights
@@ -183,7 +183,9 @@ def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, resul
                           "version": out.weight_version, "export": str(export)})
     import torch.distributed as dist
 
-    dist.barrier()
+    from ..parallel import collectives
+
+    collectives.barrier()
     dist.destroy_process_group()
 
 
@@ -199,7 +201,7 @@ def run_check(args: argparse.Namespace) -> int:
                          "checkpoint: megatron_pgpo.models.qwen2_5_vl.tiny_tokenizer.save_tiny_processor(DIR))")
     args.run_dir = args.run_dir or tempfile.mkdtemp(prefix="pgpo-check-sync-")
     world = args.tp * args.pp
-    from ..parallel.cpu_compat import init_cpu_distributed  # noqa: F401 - import errors surface here, not in workers
+    from ..compat.megatron_cpu import init_cpu_distributed  # noqa: F401 - import errors surface here, not in workers
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

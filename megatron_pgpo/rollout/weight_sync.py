@@ -137,22 +137,20 @@ def iter_stage_hf_tensors(model, transformer_impl: str = "local") -> Iterator[Na
 
 def _send_bucket(bucket: Optional[List[NamedTensor]], dst: int, group, error: Optional[str] = None) -> None:
     """Metadata (names, shapes, dtypes; None = end of stage; a string = the sender failed), then the bytes."""
-    import torch.distributed as dist
+    from ..parallel import collectives
 
     meta: Any = error if error is not None else (
         None if bucket is None else [(n, tuple(t.shape), str(t.dtype).split(".")[-1]) for n, t in bucket])
-    dist.send_object_list([meta], dst=dst, group=group)
+    collectives.send_object(meta, dst, group)
     if bucket and error is None:
         flat = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for _, t in bucket])
-        dist.send(flat, dst=dst, group=group)
+        collectives.send(flat, dst, group)
 
 
 def _recv_bucket(src: int, group) -> Optional[List[NamedTensor]]:
-    import torch.distributed as dist
+    from ..parallel import collectives
 
-    box: List[Any] = [None]
-    dist.recv_object_list(box, src=src, group=group)
-    meta = box[0]
+    meta = collectives.recv_object(src, group)
     if meta is None:
         return None
     if isinstance(meta, str):
@@ -160,8 +158,7 @@ def _recv_bucket(src: int, group) -> Optional[List[NamedTensor]]:
     dtypes = [getattr(torch, d) for _, _, d in meta]
     sizes = [int(torch.Size(shape).numel()) * torch.empty((), dtype=dt).element_size()
              for (_, shape, _), dt in zip(meta, dtypes)]
-    flat = torch.empty(sum(sizes), dtype=torch.uint8)
-    dist.recv(flat, src=src, group=group)
+    flat = collectives.recv((sum(sizes),), torch.uint8, src, group)
     out = []
     for (name, shape, _), dt, part in zip(meta, dtypes, flat.split(sizes)):
         out.append((name, part.view(dt).reshape(shape)))
@@ -206,12 +203,11 @@ def iter_full_model_hf_tensors(model, bucket_bytes: int = DEFAULT_BUCKET_BYTES, 
 
 def _agree(ok: bool) -> bool:
     """True iff ``ok`` on every rank of the model-parallel group."""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=ps.get_model_parallel_group())
-    return bool(flag.item())
+    from ..parallel import collectives
+
+    return collectives.all_ranks(ok, ps.get_model_parallel_group())
 
 
 #: How long the other model-parallel ranks wait while the owner rebuilds its engine (a vLLM start: ~20 s on CPU).
@@ -222,24 +218,17 @@ def _restart_owner_engine_if_needed(engine, owner: bool) -> None:
     """If the owner's engine is not started yet or must be rebuilt, (re)start it while the other ranks wait in a
     barrier with a long timeout (not in the next collective, whose default timeout a busy machine's engine start
     can exceed)."""
-    import datetime
-
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
+
+    from ..parallel import collectives
 
     group = ps.get_model_parallel_group()
     pending = engine is not None and (getattr(engine, "needs_restart", False) or not getattr(engine, "started", True))
-    flag = torch.tensor([1 if owner and pending else 0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    if not flag.item():
+    if not collectives.any_rank(owner and pending, group):
         return
     if owner:
         engine.restart()
-    if dist.get_backend(group) == "gloo":
-        dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=RESTART_TIMEOUT_S),
-                               wait_all_ranks=True)
-    else:
-        dist.barrier(group=group)
+    collectives.barrier(group, timeout_s=RESTART_TIMEOUT_S)
 
 
 def sync_weights(model, engine=None, bucket_bytes: Optional[int] = None, transformer_impl: str = "local",

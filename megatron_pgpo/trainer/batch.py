@@ -128,6 +128,20 @@ def predicting_positions(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor
     return rows, cols - 1
 
 
+def to_device(obj, device: torch.device):
+    """``obj`` with every tensor in it (nested in dicts, lists and tuples) on ``device``; other values as they are.
+
+    Micro-batches are collated and packed on the CPU (index bookkeeping) and moved to the model's device one
+    micro-batch at a time, just before the forward (``policy._forward_step``)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
 def scatter_to_mask(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``values [N]`` (row-major over the True entries of ``mask [B, S]``) -> ``[B, S]``, zero elsewhere
     (differentiable in ``values``)."""

@@ -50,10 +50,12 @@ def save_training_state(policy, directory: Path, trainer_state: Dict[str, Any]) 
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
+    from ..parallel import collectives
+
     target = Path(directory) / "model_optim"
     if dist.get_rank() == 0:
         target.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+    collectives.barrier()
     _init_fresh_adam_state(policy.optimizer)
     dist_checkpointing.save(sharded_state(policy, is_loading=False), str(target))
     if dist.get_rank() == 0:

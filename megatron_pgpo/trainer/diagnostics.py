@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from ..parallel import collectives
 from .batch import Sample
 
 
@@ -51,8 +52,8 @@ def plumbing_checks(samples: List[Sample], scored, seq_adv: torch.Tensor, groups
                 d = (so.logp[row, start: start + n].double() - engine).abs()
                 maxima[1] = max(float(maxima[1]), float(d.max()))
                 diff_sum += torch.tensor([float(d.sum()), float(n)], dtype=torch.float64)
-    dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
-    dist.all_reduce(diff_sum)
+    collectives.all_reduce(maxima, dist.ReduceOp.MAX)
+    collectives.all_reduce(diff_sum)
     return {"check/group_adv_sum_max": float(group_sums.abs().max()), "check/token_adv_sum_err": float(maxima[0]),
             "check/rollout_logp_diff_max": float(maxima[1]),
             "check/rollout_logp_diff_mean": float(diff_sum[0]) / max(float(diff_sum[1]), 1.0)}
@@ -78,8 +79,7 @@ def log_samples(trainer, samples: List[Sample], scored, seq_adv: List[float], *,
             for row, i in enumerate(so.indices):
                 if i < limit:
                     rows.append((i, so.scores[row][mask[row]].tolist(), weights[row][mask[row]].tolist()))
-    gathered: List[Optional[list]] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, rows)
+    gathered = collectives.all_gather_object(rows)
     if dist.get_rank() != 0:
         return
     from .samples_log import write_sample_records

@@ -64,32 +64,39 @@ def check_supported(cfg: Config) -> None:
 
 
 def init_rank(cfg: Config, rank: int, world_size: int, master_addr: str, master_port: int,
-              local_rank: Optional[int] = None) -> None:
-    """Process group (gloo on CPU, nccl on GPU), CPU patches where needed, Megatron's parallel state."""
+              local_rank: Optional[int] = None, local_world_size: Optional[int] = None) -> torch.device:
+    """Bind the rank's device, start the process group and Megatron's parallel state; returns the device.
+
+    On a GPU: ``torch.cuda.set_device`` first (``parallel/device.py``: LOCAL_RANK with all GPUs visible, or the one
+    GPU bound to the task), then a ``cpu:gloo,cuda:nccl`` group (verl's Megatron worker does the same), so CUDA
+    tensors go through NCCL and CPU control tensors through gloo. On the CPU: gloo and the Megatron CPU patches.
+    Every group gets ``parallel.distributed_timeout_minutes``.
+    """
     import torch.distributed as dist
 
     from ..compat.known_warnings import silence_known_warnings
 
     silence_known_warnings()  # before Megatron's modules are imported: some warn at import time
     from ..compat.child_processes import install_child_hook
-    from ..parallel.cpu_compat import apply_cpu_patches, set_model_parallel_layout
+    from ..compat.megatron_cpu import apply_cpu_patches, set_model_parallel_layout
+    from ..parallel.device import bind
 
     # Before any child process starts: children ignore SIGUSR1, the rank's preemption signal, which Slurm delivers
     # to every process of the step (see compat/site_hook/sitecustomize.py).
     install_child_hook()
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        torch.cuda.set_device(local_rank if local_rank is not None else rank % torch.cuda.device_count())
+    binding = bind(cfg.parallel.device, rank if local_rank is None else local_rank, local_world_size)
+    timeout_min = cfg.parallel.distributed_timeout_minutes
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(minutes=10))
-    if not on_gpu:
-        apply_cpu_patches()
+        dist.init_process_group(binding.backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=timeout_min))
+    if not binding.on_cuda:
+        apply_cpu_patches(force=True)  # force: parallel.device=cpu on a machine that has a GPU
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     cfg.parallel.data_parallel_size(world_size)  # clear error if TP x PP does not divide the world
     set_model_parallel_layout(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
-                              seed=cfg.trainer.seed)
+                              seed=cfg.trainer.seed, timeout_minutes=timeout_min)
+    return binding.device
 
 
 def _terminate_with_parent() -> None:
@@ -109,13 +116,14 @@ def rank_main(rank: int, cfg: Config, world_size: int, master_port: int, result_
     """One rank: init, train, export, report (rank 0 puts a summary on ``result_queue``)."""
     import torch.distributed as dist
 
+    from ..parallel import collectives
     from .loop import Trainer
 
     _terminate_with_parent()
 
-    init_rank(cfg, rank, world_size, "127.0.0.1", master_port)
+    device = init_rank(cfg, rank, world_size, "127.0.0.1", master_port, local_rank=rank, local_world_size=world_size)
     train, val = datasets_for(cfg)
-    trainer = Trainer(cfg, train, val)
+    trainer = Trainer(cfg, train, val, device=device)
     try:
         before = trainer.evaluate() if trainer.step == 0 and cfg.trainer.eval_every else None
         last = trainer.run()
@@ -130,7 +138,7 @@ def rank_main(rank: int, cfg: Config, world_size: int, master_port: int, result_
                               "export": str(export) if export else None, "step": trainer.step})
     finally:
         trainer.close()
-        dist.barrier()
+        collectives.barrier()
         dist.destroy_process_group()
 
 
@@ -170,10 +178,12 @@ def launch(cfg: Config, nproc: Optional[int] = None) -> dict:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         from .loop import Trainer
 
-        init_rank(cfg, rank, world, os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", "29500")),
-                  int(os.environ.get("LOCAL_RANK", rank)))
+        from ..parallel.device import local_rank_from_env, local_world_size_from_env
+
+        device = init_rank(cfg, rank, world, os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", "29500")),
+                           local_rank_from_env(default=rank), local_world_size_from_env())
         train, val = datasets_for(cfg)
-        trainer = Trainer(cfg, train, val)
+        trainer = Trainer(cfg, train, val, device=device)
         try:
             trainer.run()
             if cfg.checkpoint.export_hf and not trainer.preempted:  # preempted: the grace time is for the save

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from ..algorithms import ADVANTAGE_SHAPERS, group_normalized_advantages
 from ..algorithms.dapo import overlong_soft_penalty
 from ..config import Config, to_dict
+from ..parallel import collectives
 from .batch import Sample, collate, length_bucketed_micro_batches, prompt_grouped_micro_batches
 from .diagnostics import log_samples, plumbing_checks, response_mask
 from .prompts import PromptStream, split_round_robin
@@ -44,13 +45,16 @@ class Trainer:
         cfg: the run config. ``model.hf_path`` must name a complete HF checkpoint dir (weights, tokenizer,
             preprocessor config); the demo creates one for the tiny model.
         dataset: train examples (indexable, ``len``); ``val_dataset``: held-out examples.
+        device: this rank's device (``launch.init_rank`` returns it); None: the current one
+            (``parallel.device.current_device``).
     """
 
-    def __init__(self, cfg: Config, dataset, val_dataset=None):
+    def __init__(self, cfg: Config, dataset, val_dataset=None, device: Optional[torch.device] = None):
         from megatron.core import parallel_state as ps
 
         from ..models.qwen2_5_vl.loading import load_hf_into_model
         from ..models.qwen2_5_vl.model import build_model
+        from ..parallel.device import current_device
         from .policy import MegatronPolicy
 
         self.cfg, self.dataset, self.val_dataset = cfg, dataset, val_dataset
@@ -60,10 +64,13 @@ class Trainer:
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.is_last_stage = ps.is_pipeline_last_stage()
         hf_path = cfg.model.hf_path
+        self.device = device if device is not None else current_device()
+        # Built on its device without random init: every parameter is loaded from the checkpoint next (the loader
+        # refuses a model it leaves partly unloaded), then DDP wraps it (Megatron-LM's get_model order).
         model = build_model(hf_path, tp=self.tp, pp=self.pp, dtype=cfg.model.dtype,
                             transformer_impl=cfg.model.transformer_impl, sequence_parallel=cfg.parallel.sequence_parallel,
                             make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
-                            recompute=cfg.model.recompute, fp8=cfg.model.fp8)
+                            recompute=cfg.model.recompute, fp8=cfg.model.fp8, init_weights=False, device=self.device)
         load_hf_into_model(model, hf_path, ps.get_tensor_model_parallel_rank(), self.tp,
                            ps.get_pipeline_model_parallel_rank(), self.pp, cfg.model.transformer_impl)
         self.policy = MegatronPolicy(model, cfg)
@@ -124,7 +131,7 @@ class Trainer:
                                   float((importance[mask] >= algo.pgpo.tau).sum()), float(n_bad)], dtype=torch.float64)
             for row, i in enumerate(so.indices):
                 out[i] = adv[row]
-        dist.all_reduce(sums)  # only last-stage ranks contribute (each TP rank the same numbers)
+        collectives.all_reduce(sums)  # only last-stage ranks contribute (each TP rank the same numbers)
         sums /= self.tp
         tokens = max(float(sums[0]), 1.0)
         stats = {"vd/score_mean": float(sums[1]) / tokens, "vd/log1p_mean": float(sums[2]) / tokens,
@@ -183,7 +190,7 @@ class Trainer:
         summary = torch.tensor([entropy_sum] + [sum(u.get(k, 0.0) for u in updates) for k in
                                                 ("actor/loss", "actor/clip_fraction", "actor/approx_kl")],
                                dtype=torch.float64)
-        dist.all_reduce(summary)  # last-stage ranks hold these; DP ranks each hold their share
+        collectives.all_reduce(summary)  # last-stage ranks hold these; DP ranks each hold their share
         n_up = max(len(updates), 1)
         last_ranks = self.world // self.pp  # ranks on the last stage (TP ranks report the same numbers)
         stats.update({
@@ -214,7 +221,7 @@ class Trainer:
 
         state = {"step": self.step, "stream_position": self.stream.position}
         path = atomic_save(str(self.run_dir), self.step, lambda d: save_training_state(self.policy, d, state),
-                           keep_last=self.cfg.checkpoint.keep_last, is_writer=self.rank == 0, barrier=dist.barrier)
+                           keep_last=self.cfg.checkpoint.keep_last, is_writer=self.rank == 0, barrier=collectives.barrier)
         self._saved_step = self.step
         return path
 
@@ -223,13 +230,10 @@ class Trainer:
         from .run_dir import latest_checkpoint
 
         found = latest_checkpoint(str(self.run_dir)) if self.cfg.checkpoint.resume else None
-        found_any = [found is not None]
-        dist.broadcast_object_list(found_any, src=0)
-        if not found_any[0]:
+        path = collectives.broadcast_object(str(found) if found else None, src=0)
+        if path is None:
             return False
-        paths = [str(found) if found else None]
-        dist.broadcast_object_list(paths, src=0)
-        state = load_training_state(self.policy, Path(paths[0]))
+        state = load_training_state(self.policy, Path(path))
         self.step, self.stream.position = state["step"], state["stream_position"]
         self._saved_step = self.step
         self._sync()  # the engines started from the initial weights
@@ -310,9 +314,7 @@ class Trainer:
         return last
 
     def _agree_stop(self, local: bool) -> bool:
-        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return collectives.any_rank(local)
 
     def export_hf(self, out_dir: Path) -> Optional[Path]:
         from ..rollout.weight_sync import save_hf_checkpoint

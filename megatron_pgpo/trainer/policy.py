@@ -28,7 +28,7 @@ import torch
 from ..algorithms import POLICY_LOSSES
 from ..algorithms.visual_dependency import k3_divergence
 from ..parallel.vocab_parallel import vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_logprobs
-from .batch import ModelBatch, predicting_positions, scatter_to_mask
+from .batch import ModelBatch, predicting_positions, scatter_to_mask, to_device
 from .packing import images_of, pack_shared_prompts, shared_prompt_mask, sharing_supported, stack_packed
 
 
@@ -47,7 +47,8 @@ def _stack_variants(mb: ModelBatch, pad_token_id: int = 0):
 
 @dataclass
 class ScoreOutput:
-    """Per-token scalars of one micro-batch (``[B, S]`` each, aligned to ``input_ids``; valid on response tokens)."""
+    """Per-token scalars of one micro-batch (``[B, S]`` each on the CPU, aligned to ``input_ids``; valid on response
+    tokens). They are kept for the whole rollout batch, so they leave the device as soon as they are computed."""
 
     indices: List[int]
     logp: torch.Tensor
@@ -76,7 +77,7 @@ def score_loss_func(mb: ModelBatch, extras: dict, output: torch.Tensor, *, vocab
     (no text-only pass: GRPO/DAPO), and ``logp_text`` and ``scores`` are then zeros.
     """
     mask = mb.response_mask
-    labels = mb.input_ids[mask]
+    labels = mb.input_ids[mask].to(output.device)
     n = labels.shape[0]
     if output.shape[0] != (2 * n if text_only else n):
         raise ValueError(f"{output.shape[0]} logit rows for {n} response tokens (text_only={text_only})")
@@ -93,16 +94,17 @@ def score_loss_func(mb: ModelBatch, extras: dict, output: torch.Tensor, *, vocab
             scores = k3_divergence(logp, logp_text)
         else:
             scores = vocab_parallel_kl(img, output[n:], vocab_size=vocab_size, chunk_tokens=chunk_tokens)
-    out = ScoreOutput(mb.indices, *(scatter_to_mask(x.detach(), mask) for x in (logp, logp_text, scores, entropy)))
+    out = ScoreOutput(mb.indices, *(scatter_to_mask(x.detach().cpu(), mask) for x in (logp, logp_text, scores, entropy)))
     return output.new_zeros(()), {"score": out}
 
 
 def update_loss_func(mb: ModelBatch, extras: Dict[str, torch.Tensor], output: torch.Tensor, *, vocab_size: int,
                      loss_name: str, loss_kwargs: dict, scale: float):
     """Last-stage loss of one training micro-batch from the response-token logits ``[N, V/TP]`` (see the module
-    docstring for ``scale``)."""
-    mask = mb.response_mask
-    logp = scatter_to_mask(vocab_parallel_logprobs(output, mb.input_ids[mask], vocab_size=vocab_size), mask)
+    docstring for ``scale``). ``extras`` are on the logits' device already (``_forward_step``)."""
+    mask = mb.response_mask.to(output.device)
+    logp = scatter_to_mask(vocab_parallel_logprobs(output, mb.input_ids.to(output.device)[mask],
+                                                   vocab_size=vocab_size), mask)
     loss, metrics = POLICY_LOSSES.get(loss_name)(logp, extras["old_logp"], extras["advantages"], mask,
                                                  **loss_kwargs)
     reported = {k: v.detach() for k, v in metrics.items()}
@@ -143,12 +145,16 @@ def model_inputs(mb: ModelBatch, variant: str, share_prompts: bool = False, widt
                                                  torch.cat([cols, t_cols])))
 
 
-def _forward_step(variant: str, loss_func, share_prompts: bool, width_multiple: int, data_iterator, model):
-    """Megatron ``forward_step_func``: run one micro-batch, return (output, loss closure)."""
+def _forward_step(variant: str, loss_func, share_prompts: bool, width_multiple: int, device: torch.device,
+                  data_iterator, model):
+    """Megatron ``forward_step_func``: run one micro-batch, return (output, loss closure).
+
+    The micro-batch is packed on the CPU and its model inputs and loss extras are moved to ``device`` here, one
+    micro-batch at a time (the rest of the rollout batch stays on the CPU)."""
     mb, extras = next(data_iterator)
-    inputs = model_inputs(mb, variant, share_prompts, width_multiple)
+    inputs = to_device(model_inputs(mb, variant, share_prompts, width_multiple), device)
     output = model(inputs.pop("input_ids"), inputs.pop("position_ids"), **inputs)
-    return output, partial(loss_func, mb, extras)
+    return output, partial(loss_func, mb, to_device(extras, device))
 
 
 class MegatronPolicy:
@@ -187,6 +193,7 @@ class MegatronPolicy:
         self.is_last_stage = ps.is_pipeline_last_stage()
         self.share_prompts = cfg.trainer.share_prompts and sharing_supported(cfg.model.transformer_impl)
         self.width_multiple = ps.get_tensor_model_parallel_world_size() if self.tf_config.sequence_parallel else 1
+        self.device = next(model.parameters()).device
 
     @property
     def module(self):
@@ -201,7 +208,8 @@ class MegatronPolicy:
         seq = max(mb.input_ids.shape[1] for mb in micro_batches)
         rows = max(mb.input_ids.shape[0] for mb in micro_batches) * (2 if variant == "score" else 1)
         return get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, variant, loss_func, self.share_prompts, self.width_multiple),
+            forward_step_func=partial(_forward_step, variant, loss_func, self.share_prompts, self.width_multiple,
+                                      self.device),
             data_iterator=iter(list(zip(micro_batches, extras))),
             model=[self.model],
             num_microbatches=len(micro_batches),

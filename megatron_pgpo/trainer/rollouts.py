@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from ..algorithms import dapo_keep_groups
 from ..config import Config
+from ..parallel import collectives
 from .batch import Sample
 from .prompts import ImageEncoder, PromptStream, messages_for, split_round_robin
 
@@ -95,8 +96,7 @@ class Rollouts:
         except Exception as exc:  # noqa: BLE001 - every rank must learn of it, not wait in the gather below
             log.exception("rollout failed on rank %d", self.rank)
             error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
-        gathered: List[Optional[tuple]] = [None] * self.world
-        dist.all_gather_object(gathered, (local, error))
+        gathered = collectives.all_gather_object((local, error))
         errors = [e for _, e in gathered if e]
         if errors:
             raise RuntimeError("rollout failed: " + "; ".join(errors))

@@ -2,7 +2,7 @@
 
 ``WorkerPool(world_size=2)`` spawns ``world_size`` processes once (``torch.multiprocessing`` "spawn"); each runs
 ``torch.distributed.init_process_group("gloo")`` on a free localhost port and applies
-``megatron_pgpo.parallel.cpu_compat.apply_cpu_patches()``. Then
+``megatron_pgpo.compat.megatron_cpu.apply_cpu_patches()``. Then
 
     results = pool.run(fn, *args, tp=2, pp=1)     # one result per rank, rank order
 
@@ -92,7 +92,7 @@ def _worker_main(rank: int, world_size: int, port: int, conn: Any, timeout_s: fl
     torch.set_num_threads(threads)
     parent = os.getppid()
     try:
-        from megatron_pgpo.parallel.cpu_compat import init_cpu_distributed, set_model_parallel_layout
+        from megatron_pgpo.compat.megatron_cpu import init_cpu_distributed, set_model_parallel_layout
 
         init_cpu_distributed(rank, world_size, port, tp=1, pp=1, timeout_s=timeout_s)
         conn.send_bytes(pickle.dumps(("ready",)))

@@ -35,7 +35,7 @@ def _cpu_patches():
     with get_cuda_rng_tracker().fork():
         model_parallel = torch.rand(3)
     default = torch.rand(3)
-    from megatron_pgpo.parallel import cpu_compat
+    from megatron_pgpo.compat import megatron_cpu as cpu_compat
 
     patched = len(cpu_compat._PATCHED)
     idempotent = cpu_compat.apply_cpu_patches() and len(cpu_compat._PATCHED) == patched
@@ -149,7 +149,7 @@ def test_crashed_worker_fails_fast():
 
 
 def test_megatron_version_is_asserted(monkeypatch):
-    from megatron_pgpo.parallel import cpu_compat
+    from megatron_pgpo.compat import megatron_cpu as cpu_compat
 
     monkeypatch.setattr(cpu_compat, "megatron_core_version", lambda: "0.17.0")
     with pytest.raises(RuntimeError, match=r"megatron-core==0\.16\.1.*found megatron-core '0\.17\.0'"):

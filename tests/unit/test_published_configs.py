@@ -61,7 +61,7 @@ def _count_in_this_process(paths: dict) -> dict:
 
     from megatron_pgpo.models.qwen2_5_vl.hf_config import load_hf_config
     from megatron_pgpo.models.qwen2_5_vl.model import build_model
-    from megatron_pgpo.parallel.cpu_compat import init_cpu_distributed
+    from megatron_pgpo.compat.megatron_cpu import init_cpu_distributed
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

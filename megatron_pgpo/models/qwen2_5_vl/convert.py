@@ -92,7 +92,7 @@ def single_process_megatron() -> Iterator[None]:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from ...parallel.cpu_compat import apply_cpu_patches, cpu_patches_applied, init_cpu_distributed, \
+    from ...compat.megatron_cpu import apply_cpu_patches, cpu_patches_applied, init_cpu_distributed, \
         remove_cpu_patches, set_model_parallel_layout
 
     rng = torch.random.get_rng_state()

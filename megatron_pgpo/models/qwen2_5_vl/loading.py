@@ -41,7 +41,9 @@ def load_hf_into_model(model, hf_path: Union[str, Path], tp_rank: int = 0, tp_si
                        pp_size: int = 1, transformer_impl: str = "local") -> None:
     """Copy this rank's shard of the HF checkpoint at ``hf_path`` into ``model`` (a ``Qwen2_5_VLMegatronModel``).
 
-    Raises ``CheckpointMismatch`` naming missing/unexpected checkpoint tensors or wrong shapes, before copying.
+    Raises ``CheckpointMismatch`` naming missing/unexpected checkpoint tensors or wrong shapes, before copying,
+    and if any parameter of ``model`` is left without a checkpoint tensor: a model built with
+    ``perform_initialization=False`` (the trainer's, see ``build_model``) holds uninitialised memory until loaded.
     """
     params: Dict[str, torch.Tensor] = dict(model.state_dict(keep_vars=True))
     mappings = stage_mappings(model, pp_rank, pp_size, transformer_impl)
@@ -60,6 +62,10 @@ def load_hf_into_model(model, hf_path: Union[str, Path], tp_rank: int = 0, tp_si
                     f"expects {tuple(target.shape)} at TP={tp_size}"
                 )
             shards[m.mcore] = shard
+        unloaded = [name for name, _ in model.named_parameters() if name not in shards]
+        if unloaded:
+            raise CheckpointMismatch(f"{len(unloaded)} parameters of the model have no checkpoint tensor, e.g. "
+                                     f"{unloaded[:3]} (layer spec mismatch?)")
         for name, shard in shards.items():
             params[name].copy_(shard.to(params[name].dtype))
 
@@ -72,6 +78,7 @@ def gather_hf_tensors(model, mapping: ParamMapping, tp_group=None) -> List[torch
     if mapping.kind == "replicated" or tp_group is None or dist.get_world_size(tp_group) == 1:
         shards = [local]
     else:
-        shards = [torch.empty_like(local) for _ in range(dist.get_world_size(tp_group))]
-        dist.all_gather(shards, local.contiguous(), group=tp_group)
+        from ...parallel import collectives
+
+        shards = collectives.all_gather(local, group=tp_group)
     return to_hf(mapping.kind, shards, model.dims, vocab_size=model.vocab_size)

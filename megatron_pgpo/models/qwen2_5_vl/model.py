@@ -40,10 +40,13 @@ class Qwen2_5_VLMegatronModel(nn.Module):
         transformer_impl: ``local`` or ``transformer_engine`` layer spec.
         pre_process / post_process: first / last pipeline stage (embedding + vision / output layer).
         make_vocab_size_divisible_by: Megatron's vocabulary padding unit (times TP).
+        device: where the vision tower is created (None: the CPU); Megatron's layers follow the config's
+            ``use_cpu_initialization`` (see ``build_model``).
     """
 
     def __init__(self, hf_config, transformer_config, transformer_impl: str = "local", pre_process: bool = True,
-                 post_process: bool = True, make_vocab_size_divisible_by: int = 128, vp_stage: Optional[int] = None):
+                 post_process: bool = True, make_vocab_size_divisible_by: int = 128, vp_stage: Optional[int] = None,
+                 device: Optional[torch.device] = None):
         super().__init__()
         from megatron.core.enums import ModelType
         from megatron.core.models.gpt import GPTModel
@@ -59,7 +62,7 @@ class Qwen2_5_VLMegatronModel(nn.Module):
         )
         self.image_token_id = self.hf_config.image_token_id
         self.spatial_merge_size = self.hf_config.vision_config.spatial_merge_size
-        self.vision_model = self._build_vision_tower() if pre_process else None
+        self.vision_model = self._build_vision_tower(device) if pre_process else None
         self.language_model = GPTModel(
             config=transformer_config,
             transformer_layer_spec=get_block_spec(transformer_impl, transformer_config, vp_stage),
@@ -83,7 +86,7 @@ class Qwen2_5_VLMegatronModel(nn.Module):
             self.language_model.output_layer.register_forward_pre_hook(self._select_logit_positions,
                                                                        with_kwargs=True)
 
-    def _build_vision_tower(self) -> nn.Module:
+    def _build_vision_tower(self, device: Optional[torch.device] = None) -> nn.Module:
         from ...compat.torchvision_ops import ensure_torchvision_importable
 
         ensure_torchvision_importable()
@@ -91,8 +94,10 @@ class Qwen2_5_VLMegatronModel(nn.Module):
 
         vision_config = self.hf_config.vision_config
         vision_config._attn_implementation = "eager"  # deterministic and available everywhere
-        tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config, dtype=self.config.params_dtype)
-        return tower
+        if device is None:  # the caller's default device (e.g. an enclosing torch.device("meta") of the planner)
+            return Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config, dtype=self.config.params_dtype)
+        with torch.device(device):
+            return Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config, dtype=self.config.params_dtype)
 
     def _select_logit_positions(self, layer, args, kwargs):
         """Output-layer pre-hook: hidden ``[S(/TP), B, H]`` -> ``[N, 1, H]`` at ``self._logit_positions``.
@@ -197,16 +202,29 @@ class Qwen2_5_VLMegatronModel(nn.Module):
 
 def build_model(hf_config, tp: int = 1, pp: int = 1, dtype: str = "fp32", transformer_impl: str = "local",
                 sequence_parallel: bool = False, make_vocab_size_divisible_by: int = 128, init_weights: bool = True,
-                pre_process: Optional[bool] = None, post_process: Optional[bool] = None, **config_overrides):
-    """Build this rank's stage (Megatron parallel state must be initialised at (TP, PP))."""
+                pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                device: Optional[torch.device] = None, **config_overrides):
+    """Build this rank's stage (Megatron parallel state must be initialised at (TP, PP)).
+
+    ``device``: build the stage for this device the way Megatron-LM's ``get_model``
+    (``megatron/training/training.py``) does: Megatron's layers allocate their TP shards directly on the current
+    device (``use_cpu_initialization=False``: no full-size master copy on the CPU first), the vision tower is
+    created under that device, and the module is then moved there as a whole (``model_module.cuda(...)`` in
+    ``get_model``: buffers such as rotary tables and any straggler). DDP wraps it afterwards (``MegatronPolicy``).
+    None keeps the historical CPU build (``use_cpu_initialization=True``), which parity tests and converters use.
+    """
     from megatron.core import parallel_state
 
     hf_config = load_hf_config(hf_config)
+    if device is not None:
+        config_overrides.setdefault("use_cpu_initialization", False)
     config = to_transformer_config(hf_config, tp=tp, pp=pp, dtype=dtype, sequence_parallel=sequence_parallel,
                                    init_weights=init_weights, **config_overrides)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    return Qwen2_5_VLMegatronModel(hf_config, config, transformer_impl=transformer_impl, pre_process=pre_process,
-                                   post_process=post_process, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    model = Qwen2_5_VLMegatronModel(hf_config, config, transformer_impl=transformer_impl, pre_process=pre_process,
+                                    post_process=post_process, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                                    device=device)
+    return model.to(device) if device is not None else model

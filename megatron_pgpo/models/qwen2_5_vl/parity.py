@@ -3,7 +3,7 @@
     megatron-pgpo check-parity --hf-path DIR --tp 2 --pp 1 [--image FILE] [--tolerance 1e-4]
 
 ``run_check`` starts ``tp * pp`` local CPU processes (``torch.multiprocessing`` spawn, gloo, the CPU patches of
-``parallel/cpu_compat.py``); each builds its Megatron stage in fp32, loads its shard of the checkpoint with
+``compat/megatron_cpu.py``); each builds its Megatron stage in fp32, loads its shard of the checkpoint with
 ``load_hf_into_model`` and runs the same inputs through every pipeline stage. The last stage gathers its
 vocab-parallel logits over the TP group. The parent then runs transformers on the same inputs and prints one line
 per pass with the largest absolute logit difference and PASS/FAIL against the tolerance:
@@ -308,7 +308,7 @@ class _Job:
 def _rank_main(rank: int, job: _Job) -> None:
     """One spawned rank: gloo + patches + layout, build and load its stage, run the passes, save on the last."""
     torch.set_num_threads(job.threads)
-    from ...parallel.cpu_compat import init_cpu_distributed
+    from ...compat.megatron_cpu import init_cpu_distributed
     from .hf_config import load_hf_config
     from .loading import load_hf_into_model
     from .model import build_model

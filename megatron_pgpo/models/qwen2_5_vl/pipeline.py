@@ -27,26 +27,25 @@ def forward_all_stages(model, input_ids: torch.Tensor, position_ids: torch.Tenso
     Returns:
         On the last stage the model's output (vocab-parallel logits ``[B, S, V_padded / TP]``), else None.
     """
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
+
+    from ...parallel import collectives
 
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return model(input_ids, position_ids, **kwargs)
     group = ps.get_pipeline_model_parallel_group()
     dtype = model.config.pipeline_dtype or model.config.params_dtype
     if not ps.is_pipeline_first_stage():
-        shape = torch.empty(3, dtype=torch.int64)
-        dist.recv(shape, src=ps.get_pipeline_model_parallel_prev_rank(), group=group)
-        received = torch.empty(*shape.tolist(), dtype=dtype, device=input_ids.device)
-        dist.recv(received, src=ps.get_pipeline_model_parallel_prev_rank(), group=group)
-        model.set_input_tensor(received)
+        prev = ps.get_pipeline_model_parallel_prev_rank()
+        shape = collectives.recv((3,), torch.int64, prev, group)
+        model.set_input_tensor(collectives.recv(shape.tolist(), dtype, prev, group, device=input_ids.device))
     output = model(input_ids, position_ids, **kwargs)
     if ps.is_pipeline_last_stage():
         return output
     output = output.contiguous().to(dtype)
-    dist.send(torch.tensor(list(output.shape), dtype=torch.int64), dst=ps.get_pipeline_model_parallel_next_rank(),
-              group=group)
-    dist.send(output, dst=ps.get_pipeline_model_parallel_next_rank(), group=group)
+    collectives.send(torch.tensor(list(output.shape), dtype=torch.int64), ps.get_pipeline_model_parallel_next_rank(),
+                     group)
+    collectives.send(output, ps.get_pipeline_model_parallel_next_rank(), group)
     return None
 
 
@@ -56,13 +55,10 @@ def gather_vocab_logits(logits: torch.Tensor, vocab_size: Optional[int] = None) 
     All-gathers over the tensor-parallel group (every TP rank gets the result) and drops Megatron's vocabulary
     padding when ``vocab_size`` is given. Not differentiable; for inspection and checks.
     """
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp > 1:
-        local = logits.detach().contiguous()
-        parts = [torch.empty_like(local) for _ in range(tp)]
-        dist.all_gather(parts, local, group=ps.get_tensor_model_parallel_group())
-        logits = torch.cat(parts, dim=-1)
+    from ...parallel import collectives
+
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        logits = torch.cat(collectives.all_gather(logits.detach(), ps.get_tensor_model_parallel_group()), dim=-1)
     return logits[..., :vocab_size] if vocab_size is not None else logits

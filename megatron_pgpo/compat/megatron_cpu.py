@@ -68,7 +68,7 @@ def check_megatron_version() -> None:
     found = megatron_core_version()
     if found != SUPPORTED_MEGATRON_CORE:
         raise RuntimeError(
-            "megatron_pgpo.parallel.cpu_compat patches private call sites of "
+            "megatron_pgpo.compat.megatron_cpu patches private call sites of "
             f"megatron-core=={SUPPORTED_MEGATRON_CORE}, "
             f"but found megatron-core {found!r}. Install megatron-core=={SUPPORTED_MEGATRON_CORE} (setup.py extra "
             "'cpu') or re-verify every patch in this module against the new release."
