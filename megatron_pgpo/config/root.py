@@ -39,6 +39,11 @@ class Config(Section):
             f"data.rollout_batch_size={self.data.rollout_batch_size} must be a multiple of "
             f"trainer.global_batch_size={self.trainer.global_batch_size} (prompts per update)",
         )
+        require(
+            self.rollout.engine != "transformers" or self.parallel.rollout_tensor_parallel_size == 1,
+            "rollout.engine=transformers runs in one process on its owner's device: set "
+            f"parallel.rollout_tensor_parallel_size=1 (got {self.parallel.rollout_tensor_parallel_size})",
+        )
         responses_per_update = self.trainer.global_batch_size * self.rollout.n
         require(
             responses_per_update % self.trainer.micro_batch_size == 0,

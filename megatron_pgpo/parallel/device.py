@@ -35,7 +35,7 @@ class DeviceError(RuntimeError):
 
 
 def resolve_device(choice: DeviceChoice, local_rank: int, cuda_available: bool, visible_devices: int,
-                   local_world_size: Optional[int] = None) -> torch.device:
+                   local_world_size: Optional[int] = None, shared_visible: bool = False) -> torch.device:
     """The device of one rank (pure: no CUDA call, so every case is unit-tested on CPU).
 
     Args:
@@ -45,6 +45,8 @@ def resolve_device(choice: DeviceChoice, local_rank: int, cuda_available: bool, 
         cuda_available / visible_devices: ``torch.cuda.is_available()`` / ``torch.cuda.device_count()``.
         local_world_size: ranks on this node when known (``LOCAL_WORLD_SIZE``, or our local spawn): with more
             than one GPU visible, two ranks may not share one (NCCL refuses duplicate GPUs).
+        shared_visible: every rank of the node sees the same devices (our local spawn), so even one visible GPU
+            is the same GPU for all of them.
     """
     if choice not in ("auto", "cpu", "cuda"):
         raise DeviceError(f"parallel.device={choice!r}: choose auto, cpu or cuda")
@@ -55,7 +57,7 @@ def resolve_device(choice: DeviceChoice, local_rank: int, cuda_available: bool, 
                           f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r})")
     if local_rank < 0:
         raise DeviceError(f"LOCAL_RANK={local_rank} is negative")
-    if visible_devices == 1:
+    if visible_devices == 1 and not shared_visible:
         return torch.device("cuda", 0)  # one GPU bound to this task (or a one-GPU machine)
     if local_world_size is not None and local_world_size > visible_devices:
         raise DeviceError(f"{local_world_size} ranks on this node but only {visible_devices} GPUs visible: each rank "
@@ -97,10 +99,12 @@ class Binding:
         return self.device.type == "cuda"
 
 
-def bind(choice: DeviceChoice, local_rank: int, local_world_size: Optional[int] = None) -> Binding:
+def bind(choice: DeviceChoice, local_rank: int, local_world_size: Optional[int] = None,
+         shared_visible: bool = False) -> Binding:
     """Resolve this rank's device and make it current (``torch.cuda.set_device``) before any CUDA allocation."""
     cuda = torch.cuda.is_available()
-    device = resolve_device(choice, local_rank, cuda, torch.cuda.device_count() if cuda else 0, local_world_size)
+    device = resolve_device(choice, local_rank, cuda, torch.cuda.device_count() if cuda else 0, local_world_size,
+                            shared_visible)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         return Binding(device, "cpu:gloo,cuda:nccl")

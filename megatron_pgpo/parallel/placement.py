@@ -92,6 +92,23 @@ def plan_engines(gpus_per_node: int, tp: int, pp: int, dp: int, rollout_tp: int,
     return plans
 
 
+def engine_visible_devices(tp: int, pp: int, dp: int, rollout_tp: int, replica: int,
+                           ranks_per_node: Optional[int] = None) -> Optional[str]:
+    """``CUDA_VISIBLE_DEVICES`` for DP replica ``replica``'s engine on this machine (None without CUDA); raises
+    ``EnginePlacementError`` for a layout that cannot host its engines. One visible GPU means one GPU bound per
+    task; ``ranks_per_node`` defaults to the visible GPU count."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    visible = torch.cuda.device_count()
+    one = visible == 1
+    plans = plan_engines(ranks_per_node or visible, tp, pp, dp, rollout_tp, one_gpu_per_task=one)
+    return visible_devices(plans[replica].local_gpus, os.environ.get("CUDA_VISIBLE_DEVICES"), one)
+
+
 def visible_devices(local_gpus: Sequence[int], parent_visible: Optional[str] = None,
                     one_gpu_per_task: bool = False) -> str:
     """``CUDA_VISIBLE_DEVICES`` for an engine on ``local_gpus``: the entries of the parent's own list when it has

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +30,25 @@ Messages = List[Dict[str, Any]]
 
 class EngineUnusable(RuntimeError):
     """The engine may hold a mix of weight versions (a failed or interrupted update) or is not started."""
+
+
+class WeightUpdateError(RuntimeError):
+    """A weight update failed; the engine is unusable until a later complete update."""
+
+
+def expected_weight_names(model_path: str) -> Set[str]:
+    """The HF tensor names a complete update must contain: the checkpoint's, minus a tied ``lm_head``."""
+    import json
+    from pathlib import Path
+
+    from ..models.qwen2_5_vl.hf_io import HFCheckpointReader
+
+    with HFCheckpointReader(model_path) as reader:
+        names = set(reader.names())
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    if config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False)):
+        names.discard("lm_head.weight")
+    return names
 
 
 @dataclass

@@ -46,16 +46,13 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 
-from .engine import EngineUnusable, RolloutEngine, RolloutOutput, RolloutRequest, SamplingConfig
+from .engine import (EngineUnusable, RolloutEngine, RolloutOutput, RolloutRequest, SamplingConfig,
+                     WeightUpdateError, expected_weight_names)
 from .weight_sync import DEFAULT_BUCKET_BYTES, iter_buckets
 
 log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "megatron_pgpo.rollout.vllm_worker.PGPOWorkerExtension"
-
-
-class WeightUpdateError(RuntimeError):
-    """A weight update failed; the engine is unusable until a later complete update (see module docstring)."""
 
 
 def compile_caches(cache_dir: Optional[str], tmp: Path) -> Dict[str, str]:
@@ -100,6 +97,11 @@ class VLLMEngineConfig:
     bucket_bytes: weight update bucket size (fused groups are never split).
     logprobs_mode: vLLM's ``logprobs_mode``: ``raw_logprobs`` = the model's log-softmax, before temperature.
     rpc_timeout_s: limit of one weight-update RPC.
+    max_model_len: prompt + response tokens the engine accepts (the trainer sets data.max_prompt_length +
+        rollout.max_new_tokens).
+    enforce_eager: no CUDA graphs (CPU: required; CUDA: off by default, graphs are much faster for decoding).
+    visible_devices: ``CUDA_VISIBLE_DEVICES`` of the engine's processes (``parallel/placement.py``: GPUs of the
+        owner's own replica); None: inherit this process's.
     """
 
     model_path: str
@@ -112,6 +114,7 @@ class VLLMEngineConfig:
     kv_cache_memory_bytes: Optional[int] = 512 << 20
     gpu_memory_utilization: float = 0.5
     enforce_eager: bool = True
+    visible_devices: Optional[str] = None
     seed: int = 0
     max_images_per_prompt: int = 1
     cpu_threads_bind: Optional[str] = None
@@ -120,20 +123,6 @@ class VLLMEngineConfig:
     enable_sleep_mode: bool = False
     log_level: str = "WARNING"
     rpc_timeout_s: float = 600.0
-
-
-def expected_weight_names(model_path: str) -> Set[str]:
-    """The HF tensor names a complete update must contain: the checkpoint's, minus a tied ``lm_head``."""
-    import json
-
-    from ..models.qwen2_5_vl.hf_io import HFCheckpointReader
-
-    with HFCheckpointReader(model_path) as reader:
-        names = set(reader.names())
-    config = json.loads((Path(model_path) / "config.json").read_text())
-    if config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False)):
-        names.discard("lm_head.weight")
-    return names
 
 
 class VLLMEngine(RolloutEngine):
@@ -208,9 +197,19 @@ class VLLMEngine(RolloutEngine):
             kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
         else:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        parent_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if cfg.visible_devices is not None:
+            # Read by the engine-core process (and its workers) that vLLM spawns from here; this process's own CUDA
+            # context already exists and keeps its device. Restored right after.
+            os.environ["CUDA_VISIBLE_DEVICES"] = cfg.visible_devices
         try:
             self.llm = LLM(**kwargs)
         finally:  # undo vLLM's process-wide changes (only the in-process engine makes them here)
+            if cfg.visible_devices is not None:
+                if parent_visible is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = parent_visible
             torch.set_rng_state(rng)
             torch.set_num_threads = set_threads
             torch.set_num_threads(threads)

@@ -64,7 +64,8 @@ def check_supported(cfg: Config) -> None:
 
 
 def init_rank(cfg: Config, rank: int, world_size: int, master_addr: str, master_port: int,
-              local_rank: Optional[int] = None, local_world_size: Optional[int] = None) -> torch.device:
+              local_rank: Optional[int] = None, local_world_size: Optional[int] = None,
+              shared_visible: bool = False) -> torch.device:
     """Bind the rank's device, start the process group and Megatron's parallel state; returns the device.
 
     On a GPU: ``torch.cuda.set_device`` first (``parallel/device.py``: LOCAL_RANK with all GPUs visible, or the one
@@ -85,7 +86,16 @@ def init_rank(cfg: Config, rank: int, world_size: int, master_addr: str, master_
     # to every process of the step (see compat/site_hook/sitecustomize.py).
     install_child_hook()
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-    binding = bind(cfg.parallel.device, rank if local_rank is None else local_rank, local_world_size)
+    binding = bind(cfg.parallel.device, rank if local_rank is None else local_rank, local_world_size,
+                   shared_visible=shared_visible)
+    if local_world_size is not None:
+        os.environ["LOCAL_WORLD_SIZE"] = str(local_world_size)  # read again where the engine is placed
+    if binding.on_cuda:  # refuse a layout that cannot host its engines before any process group or model exists
+        from ..parallel.placement import engine_visible_devices
+
+        p = cfg.parallel
+        engine_visible_devices(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                               p.data_parallel_size(world_size), p.rollout_tensor_parallel_size, 0, local_world_size)
     timeout_min = cfg.parallel.distributed_timeout_minutes
     if not dist.is_initialized():
         dist.init_process_group(binding.backend, rank=rank, world_size=world_size,
@@ -121,7 +131,8 @@ def rank_main(rank: int, cfg: Config, world_size: int, master_port: int, result_
 
     _terminate_with_parent()
 
-    device = init_rank(cfg, rank, world_size, "127.0.0.1", master_port, local_rank=rank, local_world_size=world_size)
+    device = init_rank(cfg, rank, world_size, "127.0.0.1", master_port, local_rank=rank, local_world_size=world_size,
+                       shared_visible=True)
     train, val = datasets_for(cfg)
     trainer = Trainer(cfg, train, val, device=device)
     try:

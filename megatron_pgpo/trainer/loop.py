@@ -78,7 +78,7 @@ class Trainer:
         self.merge = model.spatial_merge_size
         self.stream = PromptStream(len(dataset), cfg.trainer.seed, cfg.data.shuffle)
         self.step = 0
-        self.rollouts = Rollouts(cfg, str(self.run_dir), self.image_token_id, self.dp, self.dp_rank)
+        self.rollouts = Rollouts(cfg, str(self.run_dir), self.image_token_id, self.dp, self.dp_rank, self.device)
         self.metrics = None
         self.preempted = False  # run() stopped early on a preemption signal (after saving)
         self._saved_step: Optional[int] = None  # step of the newest checkpoint this run wrote or resumed from

@@ -19,7 +19,7 @@ from ..algorithms import dapo_keep_groups
 from ..config import Config
 from ..parallel import collectives
 from .batch import Sample
-from .prompts import ImageEncoder, PromptStream, messages_for, split_round_robin
+from .prompts import ImageEncoder, PromptLength, PromptStream, messages_for, split_round_robin
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +32,26 @@ class Rollouts:
         run_dir: the run directory (the engine's temp files).
         image_token_id: the checkpoint's ``<|image_pad|>`` id (a consistency check of the engine's prompts).
         dp, dp_rank: data-parallel size and this rank's replica.
+        device: this rank's device (the transformers engine runs there; a vLLM engine on the GPUs that
+            ``parallel/placement.py`` gives the replica).
     """
 
-    def __init__(self, cfg: Config, run_dir: str, image_token_id: int, dp: int, dp_rank: int):
+    def __init__(self, cfg: Config, run_dir: str, image_token_id: int, dp: int, dp_rank: int,
+                 device: Optional[torch.device] = None):
         from ..rewards import RewardScorer
         from ..rollout.weight_sync import is_engine_owner
 
         self.cfg, self.run_dir, self.image_token_id = cfg, run_dir, image_token_id
         self.dp, self.dp_rank = dp, dp_rank
+        self.device = device if device is not None else torch.device("cpu")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.images = ImageEncoder(cfg.model.hf_path)
         self.owner = is_engine_owner()
+        # The engine accepts the longest prompt the data allows plus the longest response; a prompt still longer
+        # (the built-in tasks are not filtered when loaded) is skipped and counted, never a failed step.
+        self.max_model_len = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+        self.prompt_length = PromptLength(cfg.model.hf_path) if self.owner else None
+        self.skipped_long_prompts = 0
         self.engine = self._make_engine() if self.owner else None
         r = cfg.reward
         self.scorer = RewardScorer(accuracy_weight=r.accuracy_weight, format_weight=r.format_weight,
@@ -50,16 +59,30 @@ class Rollouts:
                                    max_answer_chars=r.max_answer_chars) if self.owner else None
 
     def _make_engine(self):
-        from ..rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
+        r, p = self.cfg.rollout, self.cfg.parallel
+        on_cpu = self.device.type == "cpu"
+        if r.engine == "transformers":
+            from ..rollout.hf_engine import TransformersEngine, TransformersEngineConfig
 
-        r = self.cfg.rollout
-        on_cpu = not torch.cuda.is_available()
-        engine = VLLMEngine(VLLMEngineConfig(
-            model_path=self.cfg.model.hf_path, run_dir=str(self.run_dir), dtype="float32" if on_cpu else "auto",
-            tensor_parallel_size=self.cfg.parallel.rollout_tensor_parallel_size,
-            kv_cache_memory_bytes=r.kv_cache_memory_bytes if on_cpu else None,
-            gpu_memory_utilization=r.gpu_memory_utilization, seed=self.cfg.trainer.seed,
-            bucket_bytes=r.weight_sync_bucket_mb << 20))
+            dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[self.cfg.model.dtype]
+            engine = TransformersEngine(TransformersEngineConfig(
+                model_path=self.cfg.model.hf_path, device=str(self.device), dtype=dtype,
+                max_model_len=self.max_model_len))
+        else:
+            from ..parallel.device import local_world_size_from_env
+            from ..parallel.placement import engine_visible_devices
+            from ..rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
+
+            visible = None if on_cpu else engine_visible_devices(
+                p.tensor_model_parallel_size, p.pipeline_model_parallel_size, self.dp, p.rollout_tensor_parallel_size,
+                self.dp_rank, local_world_size_from_env())
+            engine = VLLMEngine(VLLMEngineConfig(
+                model_path=self.cfg.model.hf_path, run_dir=str(self.run_dir), dtype="float32" if on_cpu else "auto",
+                tensor_parallel_size=p.rollout_tensor_parallel_size, max_model_len=self.max_model_len,
+                enforce_eager=on_cpu if r.enforce_eager is None else r.enforce_eager, visible_devices=visible,
+                kv_cache_memory_bytes=r.kv_cache_memory_bytes if on_cpu else None,
+                gpu_memory_utilization=r.gpu_memory_utilization, seed=self.cfg.trainer.seed,
+                bucket_bytes=r.weight_sync_bucket_mb << 20))
         engine.start()
         return engine
 
@@ -81,7 +104,11 @@ class Rollouts:
         mine = split_round_robin(indices, self.dp, self.dp_rank)
         local: List[dict] = []
         error: Optional[str] = None
+        skipped = 0
         try:
+            if self.owner and mine:
+                fits = [i for i in mine if self._fits(dataset[i])]
+                skipped, mine = len(mine) - len(fits), fits
             if self.owner and mine:
                 examples = [dataset[i] for i in mine]
                 outputs = self.engine.generate(
@@ -96,13 +123,23 @@ class Rollouts:
         except Exception as exc:  # noqa: BLE001 - every rank must learn of it, not wait in the gather below
             log.exception("rollout failed on rank %d", self.rank)
             error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
-        gathered = collectives.all_gather_object((local, error))
-        errors = [e for _, e in gathered if e]
+        gathered = collectives.all_gather_object((local, error, skipped))
+        errors = [e for _, e, _ in gathered if e]
         if errors:
             raise RuntimeError("rollout failed: " + "; ".join(errors))
-        records = sorted((r for part, _ in gathered if part for r in part),
+        self.skipped_long_prompts += sum(n for _, _, n in gathered)
+        records = sorted((r for part, _, _ in gathered if part for r in part),
                          key=lambda r: indices.index(r["prompt_index"]))  # stable: sample order kept
         return [self._sample(dataset, rec) for rec in records]
+
+    def _fits(self, example) -> bool:
+        """Whether the example's prompt leaves room for ``rollout.max_new_tokens`` in the engine."""
+        length = self.prompt_length(example)
+        if length <= self.cfg.data.max_prompt_length:
+            return True
+        log.warning("skipped a prompt of %d tokens (data.max_prompt_length=%d, the engine takes %d tokens with the "
+                    "response)", length, self.cfg.data.max_prompt_length, self.max_model_len)
+        return False
 
     def _sample(self, dataset, rec: dict) -> Sample:
         example = dataset[rec["prompt_index"]]
@@ -127,6 +164,7 @@ class Rollouts:
         kept: List[Sample] = []
         everything: List[Sample] = []
         stats = {"sampling/rounds": 0.0, "sampling/dropped_groups": 0.0}
+        skipped_before = self.skipped_long_prompts
         for round_ in range(dapo.max_sampling_rounds if dapo.dynamic_sampling else 1):
             need = cfg.data.rollout_batch_size - len({s.group for s in kept})
             if need <= 0:
@@ -143,6 +181,7 @@ class Rollouts:
                 stats["sampling/dropped_groups"] += float(len(set(groups.tolist())) - len(set(groups[keep].tolist())))
                 samples = [s for s, k in zip(samples, keep.tolist()) if k]
             kept += samples
+        stats["sampling/skipped_long_prompts"] = float(self.skipped_long_prompts - skipped_before)
         return kept, reward_stats(everything, stats)  # kept may be empty: every group was uniform
 
     def evaluate(self, val_dataset, limit: Optional[int] = None) -> float:

@@ -38,6 +38,7 @@ def workers():
     pool.shutdown()
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's own teardown, so module fixtures (engines) are finalised first
 def pytest_runtest_teardown(item, nextitem):
     if nextitem is None or _HERE not in Path(str(nextitem.path)).resolve().parents:
         for pool in _pools:

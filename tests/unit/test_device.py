@@ -26,6 +26,10 @@ def test_refusals_give_the_numbers():
         resolve_device("auto", 5, True, 4)
     with pytest.raises(DeviceError, match="3 ranks on this node but only 2 GPUs"):
         resolve_device("auto", 0, True, 2, local_world_size=3)
+    # our local spawn: every rank sees the same single GPU, which two NCCL ranks cannot share
+    with pytest.raises(DeviceError, match="2 ranks on this node but only 1 GPUs"):
+        resolve_device("auto", 1, True, 1, local_world_size=2, shared_visible=True)
+    assert resolve_device("auto", 0, True, 1, local_world_size=1, shared_visible=True) == torch.device("cuda", 0)
     with pytest.raises(DeviceError, match="no CUDA device"):
         resolve_device("cuda", 0, False, 0)
     with pytest.raises(DeviceError, match="choose auto, cpu or cuda"):

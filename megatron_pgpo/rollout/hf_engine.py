@@ -1,0 +1,228 @@
+"""``RolloutEngine`` on transformers ``generate`` (``rollout.engine=transformers``): for machines without vLLM
+(a GPU box with only torch and transformers) and as an independent reference for the vLLM engine.
+
+It runs in the engine owner's own process, on its device, with the checkpoint's processor, so it needs nothing
+but transformers. What it shares with ``VLLMEngine`` (a test compares the two on a tiny checkpoint):
+
+* prompts: the chat template of the checkpoint, image placeholders expanded by the same processor, so the
+  ``prompt_token_ids`` it reports are the ids vLLM reports and the trainer checks;
+* stopping: the tokenizer's EOS and the generation config's EOS ids (vLLM adds both as stop tokens), the stop
+  token included in the response, as vLLM does; ``finish_reason`` ``stop`` or ``length``;
+* log-probs: of the raw model logits, before temperature / top-k / top-p (vLLM's ``raw_logprobs``), in fp32;
+* sampling: the same ``SamplingConfig``; ``seed`` makes a call reproducible (a forked RNG is seeded per generate
+  batch, so the trainer's RNG is untouched), though the random streams differ from vLLM's;
+* weights: ``update_weights`` takes HF-named full tensors as one transaction (unusable from the first tensor until
+  every expected name has arrived), copying into the module's parameters (``module_name`` maps the checkpoint
+  names to transformers' in-memory names); tied embeddings update the head with the embedding.
+
+Batches are left-padded (``padding_side="left"``) and generated ``batch_size`` sequences at a time; with
+``sampling.n`` > 1 each prompt is repeated ``n`` times. Speed is transformers' (no paged KV cache, no continuous
+batching): fine for checks and small runs, not for a 72B rollout.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+import torch
+
+from .engine import (EngineUnusable, RolloutEngine, RolloutOutput, RolloutRequest, SamplingConfig,
+                     WeightUpdateError, expected_weight_names)
+
+log = logging.getLogger(__name__)
+
+#: Checkpoint (hub) name prefixes -> transformers 5 in-memory prefixes of ``Qwen2_5_VLForConditionalGeneration``.
+_PREFIXES = (("visual.", "model.visual."), ("model.", "model.language_model."), ("lm_head.", "lm_head."))
+
+
+def module_name(hf_name: str) -> str:
+    """``model.layers.0.mlp.up_proj.weight`` -> ``model.language_model.layers.0.mlp.up_proj.weight``;
+    ``visual.merger.mlp.0.bias`` -> ``model.visual.merger.mlp.0.bias``; ``lm_head.weight`` unchanged."""
+    for saved, in_memory in _PREFIXES:
+        if hf_name.startswith(saved):
+            return in_memory + hf_name[len(saved):]
+    raise KeyError(f"{hf_name!r} is not a Qwen2.5-VL checkpoint tensor name")
+
+
+@dataclass
+class TransformersEngineConfig:
+    """How to build the transformers engine.
+
+    model_path: HF checkpoint dir (weights, tokenizer, chat template, preprocessor config): the starting weights.
+    device: where the model runs (the owner's training device).
+    dtype: ``float32`` (CPU, parity checks) or ``bfloat16`` (GPU).
+    attn_implementation: transformers' attention (``sdpa``; ``eager`` for bit-level comparisons).
+    max_model_len: prompt + response tokens; a longer prompt is an error (the trainer skips those beforehand).
+    batch_size: sequences per ``generate`` call.
+    """
+
+    model_path: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    max_model_len: int = 2048
+    batch_size: int = 64
+
+
+class TransformersEngine(RolloutEngine):
+    """Rollouts with transformers ``generate``; see the module docstring."""
+
+    def __init__(self, config: TransformersEngineConfig):
+        self.config = config
+        self.model = None
+        self.processor = None
+        self._params: Dict[str, torch.nn.Parameter] = {}
+        self._expected: Set[str] = set()
+        self._eos: List[int] = []
+        self._version = 0
+        self._usable = False
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        if self.model is not None:
+            return
+        from ..compat.torchvision_ops import ensure_torchvision_importable
+
+        ensure_torchvision_importable()
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+        cfg = self.config
+        self.processor = AutoProcessor.from_pretrained(cfg.model_path)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            cfg.model_path, dtype=getattr(torch, cfg.dtype), attn_implementation=cfg.attn_implementation)
+        self.model = model.to(cfg.device).eval()
+        self._params = dict(self.model.named_parameters())
+        self._expected = expected_weight_names(cfg.model_path)
+        unknown = sorted(n for n in self._expected if module_name(n) not in self._params)
+        if unknown:
+            raise RuntimeError(f"{len(unknown)} checkpoint tensors have no parameter in transformers' model, e.g. "
+                               f"{unknown[:3]}: the name mapping (module_name) no longer fits this transformers")
+        eos = [self.processor.tokenizer.eos_token_id]
+        gen_eos = self.model.generation_config.eos_token_id
+        eos += gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
+        self._eos = sorted({int(e) for e in eos if e is not None})
+        self._version, self._usable = 0, True
+
+    def shutdown(self) -> None:
+        self.model, self.processor, self._params = None, None, {}
+        self._usable = False
+
+    def restart(self) -> None:
+        self.shutdown()
+        self.start()
+
+    @property
+    def started(self) -> bool:
+        return self.model is not None
+
+    @property
+    def usable(self) -> bool:
+        return self.model is not None and self._usable
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    # ------------------------------------------------------------------------------------------- generation
+    def _pad_id(self) -> int:
+        pad = self.processor.tokenizer.pad_token_id
+        return self._eos[0] if pad is None else int(pad)
+
+    def prompt_text(self, request: RolloutRequest) -> str:
+        if isinstance(request.prompt, str):
+            return request.prompt
+        return self.processor.apply_chat_template(request.prompt, tokenize=False, add_generation_prompt=True)
+
+    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> List[RolloutOutput]:
+        if not self.usable:
+            raise EngineUnusable("the engine is not started or a weight update failed; it may hold mixed weights "
+                                 "(run a complete update_weights first)")
+        rows = [(i, j) for i in range(len(requests)) for j in range(sampling.n)]
+        texts = [self.prompt_text(r) for r in requests]
+        outputs: List[RolloutOutput] = []
+        for chunk, start in enumerate(range(0, len(rows), self.config.batch_size)):
+            part = rows[start: start + self.config.batch_size]
+            seed = None if sampling.seed is None else sampling.seed + chunk
+            outputs += self._generate_rows(part, requests, texts, sampling, seed)
+        return outputs
+
+    @torch.no_grad()
+    def _generate_rows(self, rows: List[Tuple[int, int]], requests: Sequence[RolloutRequest], texts: List[str],
+                       sampling: SamplingConfig, seed: Optional[int]) -> List[RolloutOutput]:
+        images = [requests[i].image for i, _ in rows if requests[i].image is not None]
+        inputs = self.processor(text=[texts[i] for i, _ in rows], images=images or None, return_tensors="pt",
+                                padding=True, padding_side="left")
+        attention = inputs["attention_mask"].bool()
+        longest = int(attention.sum(dim=1).max())
+        if longest >= self.config.max_model_len:
+            raise ValueError(f"a prompt of {longest} tokens does not fit max_model_len={self.config.max_model_len}")
+        max_new = min(sampling.max_tokens, self.config.max_model_len - longest)
+        greedy = sampling.temperature == 0
+        kwargs: Dict[str, Any] = dict(max_new_tokens=max_new, do_sample=not greedy, eos_token_id=self._eos,
+                                      pad_token_id=self._pad_id(),
+                                      output_logits=True, return_dict_in_generate=True)
+        if not greedy:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p,
+                          top_k=sampling.top_k if sampling.top_k > 0 else None)
+        device = torch.device(self.config.device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = self.model.generate(**inputs.to(device), **kwargs)
+        width = inputs["input_ids"].shape[1]
+        new_tokens = out.sequences[:, width:].cpu()
+        steps = torch.stack(out.logits, dim=1).float() if out.logits else None  # [rows, steps, V]
+        stop = set(self._eos) | set(sampling.stop_token_ids)
+        results = []
+        for k, (i, j) in enumerate(rows):
+            tokens, finish = [], "length"
+            for t in new_tokens[k].tolist():
+                tokens.append(t)
+                if t in stop:
+                    finish = "stop"
+                    break
+            logprobs = []
+            if tokens:
+                picked = torch.log_softmax(steps[k, : len(tokens)], dim=-1)
+                logprobs = picked.gather(1, torch.tensor(tokens, device=picked.device)[:, None])[:, 0].tolist()
+            prompt_ids = inputs["input_ids"][k][attention[k]].tolist()
+            results.append(RolloutOutput(
+                request_index=i, sample_index=j, prompt_token_ids=prompt_ids, response_token_ids=tokens,
+                text=self.processor.tokenizer.decode(tokens, skip_special_tokens=True), logprobs=logprobs,
+                finish_reason=finish, weight_version=self._version))
+        return results
+
+    # ------------------------------------------------------------------------------------------ weight update
+    def update_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> int:
+        """Copy a complete set of HF-named full tensors into the model; returns the new weight version.
+
+        Raises ``EngineUnusable`` when not started, ``WeightUpdateError`` (engine left unusable) on any failure.
+        """
+        if self.model is None:
+            raise EngineUnusable("start() the engine first")
+        version = self._version + 1
+        self._usable = False  # from the first tensor until the last, the weights may be mixed
+        received: Set[str] = set()
+        try:
+            with torch.no_grad():
+                for name, tensor in named_tensors:
+                    target = self._params.get(module_name(name)) if name in self._expected else None
+                    if target is None:
+                        raise WeightUpdateError(f"tensors the model does not have: {name!r}")
+                    if tuple(target.shape) != tuple(tensor.shape):
+                        raise WeightUpdateError(f"{name}: shape {tuple(tensor.shape)}, the model has "
+                                                f"{tuple(target.shape)}")
+                    target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+                    received.add(name)
+            missing = self._expected - received
+            if missing:
+                raise WeightUpdateError(f"update {version} is incomplete: {len(missing)} tensors never arrived, e.g. "
+                                        f"{sorted(missing)[:3]}")
+        except WeightUpdateError:
+            raise
+        except Exception as exc:
+            raise WeightUpdateError(f"weight update {version} failed; engine unusable until a complete update: "
+                                    f"{exc}") from exc
+        self._version, self._usable = version, True
+        return version
