@@ -68,10 +68,13 @@ def _compare_bf16(hf_path: str, transformer_impl: str, passes):
                                                         synthetic_batch)
 
     config = load_hf_config(hf_path)
-    model = build_model(config, tp=1, pp=1, dtype="bf16", transformer_impl=transformer_impl, init_weights=False)
-    model.cuda()
+    # Built the way the trainer builds it (build_model(device=...): on the device, no CPU master copy), with no
+    # .cuda() here that could hide a tensor left behind.
+    model = build_model(config, tp=1, pp=1, dtype="bf16", transformer_impl=transformer_impl, init_weights=False,
+                        device=torch.device("cuda", torch.cuda.current_device()))
     load_hf_into_model(model, hf_path, transformer_impl=transformer_impl)
-    assert all(p.is_cuda and p.dtype == torch.bfloat16 for p in model.language_model.parameters())
+    assert all(t.is_cuda for t in [*model.parameters(), *model.buffers()])
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     inputs = synthetic_batch(config, seed=4)
     ours = megatron_logits(model, _on(inputs, "cuda"), passes=passes)
     ours = {k: v.float().cpu() for k, v in ours.items()}
