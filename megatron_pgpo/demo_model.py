@@ -1,11 +1,11 @@
 """The demo's starting point: a tiny Qwen2.5-VL-architecture checkpoint with a word-level vocabulary for the
 built-in task, warmed up on the answer *format* (random answers) so RL starts above zero reward.
 
-PGPO_SPEC.md section 6 measured this recipe: ~250 supervised steps on the format with random answers leave the
+docs/pgpo_spec.md section 6 measured this recipe: ~250 supervised steps on the format with random answers leave the
 model at ~0.95 format rate and chance accuracy (1/6 on the colour task); RL then has to learn to read the image.
 
 **[ours] The format is learned with and without the image.** Every warm-up step also trains the same targets on
-the visual-blind sequence (no token attends to the image: PGPO's text-only pass, PGPO_SPEC.md section 1). Trained
+the visual-blind sequence (no token attends to the image: PGPO's text-only pass, docs/pgpo_spec.md section 1). Trained
 only with the image, two of three seeds measured (transformers, k3 and exact) put a spurious visual dependency of
 S ~ 1-5 on ``</think>`` (the model relied on the image tokens to decide when to close the reasoning block) while
 every other token was at ~1e-5; PGPO then ranked ``</think>`` first in every response and gave the answer token weight 0

@@ -1,4 +1,4 @@
-"""Token visual dependency S_t = KL(pi(.|s_t, I) || pi(.|s_t)) (PGPO_SPEC.md section 1), single-device math.
+"""Token visual dependency S_t = KL(pi(.|s_t, I) || pi(.|s_t)) (docs/pgpo_spec.md section 1), single-device math.
 
 Two estimators:
 
@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 
-#: Default clamp for visual-dependency scores (PGPO_SPEC.md section 1, "Sanitising S").
+#: Default clamp for visual-dependency scores (docs/pgpo_spec.md section 1, "Sanitising S").
 DEFAULT_S_MAX = 1e4
 
 
@@ -70,7 +70,7 @@ def full_vocab_kl(logits_image: torch.Tensor, logits_text: torch.Tensor) -> torc
 def sanitize_scores(
     scores: torch.Tensor, mask: Optional[torch.Tensor] = None, s_max: float = DEFAULT_S_MAX
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """NaN -> 0, then clamp to ``[0, s_max]`` (PGPO_SPEC.md section 1).
+    """NaN -> 0, then clamp to ``[0, s_max]`` (docs/pgpo_spec.md section 1).
 
     Args:
         scores: ``[...]`` raw visual-dependency scores.

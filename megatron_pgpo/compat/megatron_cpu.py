@@ -3,7 +3,7 @@
 Nothing happens at import. ``apply_cpu_patches()`` installs the patches below (idempotent); on a machine where
 ``torch.cuda.is_available()`` it does nothing unless ``force=True``. ``remove_cpu_patches()`` undoes them.
 Every patch targets a private call site of megatron-core 0.16.1, so the installed version is asserted first
-(``check_megatron_version``). What was measured with these patches is in ``/work/shared/STACK.md``.
+(``check_megatron_version``). What was measured with these patches is in ``docs/stack.md``.
 
 Patches and why:
 

@@ -13,7 +13,7 @@ digits      112 x 56    What number is shown?                                 10
 bars        56 x 56     Which bar is taller, left or right?                   left / right
 ==========  ==========  ====================================================  =====================
 
-``colour`` is the default: PGPO_SPEC.md section 6 measured that a ~0.6M-parameter model learns it on CPU (56 x 56
+``colour`` is the default: docs/pgpo_spec.md section 6 measured that a ~0.6M-parameter model learns it on CPU (56 x 56
 pixels = 16 patches of 14 px = 4 image tokens after the 2 x 2 merge). The text of the question never reveals the
 answer, so the text-only pass cannot answer it: visual dependency concentrates on the answer tokens.
 """

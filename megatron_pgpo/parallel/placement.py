@@ -17,6 +17,11 @@ outermost): its engine can only use the replica's GPUs on the owner's node, stag
 to one GPU each (``srun --gpus-per-task=1``) a process cannot reach any other GPU, so the engine gets the owner's.
 
 Layouts that cannot host their engines are refused before any work, with the reason (``EnginePlacementError``).
+
+The same pattern as NeMo-RL's vLLM generation (``nemo_rl/models/generation/vllm/vllm_generation.py``,
+``_get_tied_worker_bundle_indices``: one node-local group of GPUs per DP replica, handed to each vLLM instance as
+its ``CUDA_VISIBLE_DEVICES`` subset, e.g. ``"4,5"`` at TP 2), and the same mapping of a node-local index to an
+entry of the parent's ``CUDA_VISIBLE_DEVICES`` as its ``numa_utils.resolve_visible_gpu_id``.
 """
 from __future__ import annotations
 

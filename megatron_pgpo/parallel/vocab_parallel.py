@@ -230,7 +230,7 @@ def vocab_parallel_kl(
     per-token scalars (local max; then ``Z_p``, ``Z_q`` and the weighted difference), with one MAX and one SUM
     all-reduce of ``[2, chunk]`` / ``[3, chunk]`` scalars. Extra memory is one workspace of two fp32
     ``[chunk, w]`` buffers, reused by every chunk; the vocabulary is never gathered and the whole shard is never
-    copied to fp32. No gradient: this is the visual-dependency score of the old policy (PGPO_SPEC section 1),
+    copied to fp32. No gradient: this is the visual-dependency score of the old policy (docs/pgpo_spec.md section 1),
     so it runs under ``torch.no_grad`` and returns a tensor that does not require grad.
 
     Args:

@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 PUBLISHED = ("3b", "7b", "32b", "72b")
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "examples" / "hf_configs"
 
-#: The paper's recipe (PGPO_SPEC.md section 4), used for whatever neither a flag nor --config sets.
+#: The paper's recipe (docs/pgpo_spec.md section 4), used for whatever neither a flag nor --config sets.
 DEFAULTS: Dict[str, Any] = dict(
     prompt_length=4096, response_length=2048, rollout_batch_size=384, n=5, global_batch_size=128,
     micro_batch_size=2, max_pixels=1003520, estimator="k3", kl_chunk_tokens=1024, text_only_pass=True, dtype="bf16",

@@ -1,6 +1,6 @@
 """Build ranks' shards of a real layout on the meta device and compare them with the planner's formulas.
 
-One process stands in for any rank of a TP x PP (x DP) job (STACK.md, "Megatron-Core shards without the
+One process stands in for any rank of a TP x PP (x DP) job (docs/stack.md, "Megatron-Core shards without the
 processes"): ``init_process_group("fake", store=FakeStore(), rank=R, world_size=TP*PP*DP)``, then
 ``parallel_state.initialize_model_parallel(tp, pp, create_gloo_process_groups=False)`` and ``build_model`` under
 ``torch.device("meta")`` with ``use_cpu_initialization=True, perform_initialization=False`` (what

@@ -8,8 +8,12 @@ but transformers. What it shares with ``VLLMEngine`` (a test compares the two on
   ``prompt_token_ids`` it reports are the ids vLLM reports and the trainer checks;
 * stopping: the tokenizer's EOS and the generation config's EOS ids (vLLM adds both as stop tokens), the stop
   token included in the response, as vLLM does; ``finish_reason`` ``stop`` or ``length``;
-* log-probs: of the raw model logits, before temperature / top-k / top-p (vLLM's ``raw_logprobs``), in fp32;
-* sampling: the same ``SamplingConfig``; ``seed`` makes a call reproducible (a forked RNG is seeded per generate
+* log-probs: of the raw model logits, before temperature / top-k / top-p (vLLM's ``raw_logprobs``), in fp32,
+  recorded step by step (``_RawLogprobs``: one ``[rows, V]`` row of log-probs held at a time, never the whole
+  ``[rows, steps, V]`` logits that ``output_logits`` would keep: 40 GB for 64 x 2048 tokens of a 152k vocabulary);
+* sampling: only what ``SamplingConfig`` says (a fresh ``GenerationConfig``: the checkpoint's generation defaults,
+  e.g. Qwen2.5-VL's repetition penalty, are ignored, as vLLM does with ``generation_config="vllm"``);
+* seeds: ``seed`` makes a call reproducible (a forked RNG is seeded per generate
   batch, so the trainer's RNG is untouched), though the random streams differ from vLLM's;
 * weights: ``update_weights`` takes HF-named full tensors as one transaction (unusable from the first tensor until
   every expected name has arrived), copying into the module's parameters (``module_name`` maps the checkpoint
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -43,6 +47,34 @@ def module_name(hf_name: str) -> str:
         if hf_name.startswith(saved):
             return in_memory + hf_name[len(saved):]
     raise KeyError(f"{hf_name!r} is not a Qwen2.5-VL checkpoint tensor name")
+
+
+class _RawLogprobs:
+    """A logits processor that records the log-prob of each generated token under the raw logits.
+
+    transformers runs custom processors before its sampling warpers (temperature, top-k, top-p), so the scores it
+    sees at step ``t`` are the model's raw logits. The token chosen at step ``t`` is only known at step ``t + 1``
+    (the last column of ``input_ids``), so one step's log-softmax is kept until then; ``finish`` reads the last
+    step's from the final sequences."""
+
+    def __init__(self):
+        self.previous = None
+        self.picked: List[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.picked.append(self.previous.gather(1, input_ids[:, -1:])[:, 0])
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor, steps: int) -> torch.Tensor:
+        """``[rows, steps]`` log-probs of the ``steps`` generated tokens at the end of ``sequences``."""
+        if self.previous is not None and len(self.picked) < steps:
+            self.picked.append(self.previous.gather(1, sequences[:, -1:])[:, 0])
+        self.previous = None
+        if not self.picked:
+            return torch.zeros(sequences.shape[0], 0)
+        return torch.stack(self.picked, dim=1).cpu()
 
 
 @dataclass
@@ -157,22 +189,24 @@ class TransformersEngine(RolloutEngine):
         longest = int(attention.sum(dim=1).max())
         if longest >= self.config.max_model_len:
             raise ValueError(f"a prompt of {longest} tokens does not fit max_model_len={self.config.max_model_len}")
-        max_new = min(sampling.max_tokens, self.config.max_model_len - longest)
+        from transformers import GenerationConfig, LogitsProcessorList
+
         greedy = sampling.temperature == 0
-        kwargs: Dict[str, Any] = dict(max_new_tokens=max_new, do_sample=not greedy, eos_token_id=self._eos,
-                                      pad_token_id=self._pad_id(),
-                                      output_logits=True, return_dict_in_generate=True)
-        if not greedy:
-            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p,
-                          top_k=sampling.top_k if sampling.top_k > 0 else None)
+        config = GenerationConfig(
+            max_new_tokens=min(sampling.max_tokens, self.config.max_model_len - longest), do_sample=not greedy,
+            temperature=1.0 if greedy else sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
+            top_k=0 if greedy or sampling.top_k <= 0 else sampling.top_k, eos_token_id=self._eos,
+            pad_token_id=self._pad_id(), return_dict_in_generate=True)
+        recorder = _RawLogprobs()
         device = torch.device(self.config.device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if seed is not None:
                 torch.manual_seed(seed)
-            out = self.model.generate(**inputs.to(device), **kwargs)
+            out = self.model.generate(**inputs.to(device), generation_config=config,
+                                      logits_processor=LogitsProcessorList([recorder]))
         width = inputs["input_ids"].shape[1]
         new_tokens = out.sequences[:, width:].cpu()
-        steps = torch.stack(out.logits, dim=1).float() if out.logits else None  # [rows, steps, V]
+        token_logprobs = recorder.finish(out.sequences, new_tokens.shape[1])  # [rows, steps]
         stop = set(self._eos) | set(sampling.stop_token_ids)
         results = []
         for k, (i, j) in enumerate(rows):
@@ -182,10 +216,7 @@ class TransformersEngine(RolloutEngine):
                 if t in stop:
                     finish = "stop"
                     break
-            logprobs = []
-            if tokens:
-                picked = torch.log_softmax(steps[k, : len(tokens)], dim=-1)
-                logprobs = picked.gather(1, torch.tensor(tokens, device=picked.device)[:, None])[:, 0].tolist()
+            logprobs = token_logprobs[k, : len(tokens)].tolist()
             prompt_ids = inputs["input_ids"][k][attention[k]].tolist()
             results.append(RolloutOutput(
                 request_index=i, sample_index=j, prompt_token_ids=prompt_ids, response_token_ids=tokens,

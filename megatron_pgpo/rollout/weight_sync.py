@@ -13,7 +13,7 @@ Fused groups (why buckets may not end anywhere): an inference engine loads weigh
 tensors into one module (``q_proj``/``k_proj``/``v_proj`` -> ``qkv_proj``; ``gate_proj``/``up_proj`` ->
 ``gate_up_proj``, in the language model AND in the vision blocks) and reloads module by module: a module whose
 tensors arrive in two different reload calls is processed with half of them missing, which silently corrupts it
-(measured: STACK.md). So a bucket ends only between two fused groups (all tensors of one vLLM module, weight and
+(measured: docs/stack.md). So a bucket ends only between two fused groups (all tensors of one vLLM module, weight and
 bias together). A group always holds whole ``ParamMapping`` s (q/k/v of ``linear_qkv``; gate/up of
 ``linear_fc1``), and the qkv weight and qkv bias mappings of a layer share one group.
 

@@ -1,7 +1,7 @@
 """Save and resume a training run: model and optimizer as a Megatron distributed checkpoint (torch_dist, loadable
 at another TP/PP for the model; DP-reshardable for the optimizer), plus trainer state (step, data position, RNG).
 
-Three measured fixes for Megatron-Core 0.16.1 with torch Adam (no Apex/TE), see STACK.md: the optimizer is saved
+Three measured fixes for Megatron-Core 0.16.1 with torch Adam (no Apex/TE), see docs/stack.md: the optimizer is saved
 with ``distrib_optim_sharding_type='dp_reshardable'``; ``load_state_dict`` runs under ``no_grad``; and after a
 load every parameter gets its own Adam ``step`` tensor (the load shares one, which Adam would then increment once
 per parameter, corrupting the bias correction).

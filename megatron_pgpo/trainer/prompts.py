@@ -84,7 +84,7 @@ class PromptLength:
     def __init__(self, model_path: str):
         from ..compat.torchvision_ops import ensure_torchvision_importable
 
-        ensure_torchvision_importable()  # AutoImageProcessor may reach for torchvision (STACK.md)
+        ensure_torchvision_importable()  # AutoImageProcessor may reach for torchvision (docs/stack.md)
         from transformers import AutoImageProcessor, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)

@@ -284,7 +284,7 @@ def test_seeded_sampling_is_reproducible(setup):
 
 @pytest.mark.gpu
 def test_cuda_engine_sleep_wake_and_reload(tmp_path):
-    """CUDA vLLM only (not installable on the CPU machines nor on the GPU check machine, see STACK.md): sleep / wake
+    """CUDA vLLM only (not installable on the CPU machines nor on the GPU check machine, see docs/stack.md): sleep / wake
     keeps the weights, and a full in-process update with the checkpoint's own tensors changes nothing."""
     pytest.importorskip("vllm")
     from vllm.platforms import current_platform

@@ -41,7 +41,7 @@ def _batch(path, n=3):
 
 def test_visual_blind_forward_equals_the_sequence_without_its_image_tokens(demo):
     """Every real text position: the masked forward's logits equal those of the row with its image tokens (and
-    padding) removed, at the original 3-D positions and without pixels (PGPO_SPEC.md section 1's two forms)."""
+    padding) removed, at the original 3-D positions and without pixels (docs/pgpo_spec.md section 1's two forms)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from megatron_pgpo.demo_model import _visual_blind_inputs

@@ -82,3 +82,18 @@ def test_visible_devices():
     assert visible_devices((3,), parent_visible="5", one_gpu_per_task=True) == "5"
     with pytest.raises(EnginePlacementError, match="not in CUDA_VISIBLE_DEVICES"):
         visible_devices((2,), parent_visible="0,1")
+
+
+@pytest.mark.parametrize("name, gpus", [("qwen2_5_vl_3b_pgpo", 8), ("qwen2_5_vl_7b_pgpo", 16),
+                                        ("qwen2_5_vl_32b_pgpo", 16), ("qwen2_5_vl_72b_pgpo", 64)])
+def test_example_configs_host_their_engines(name, gpus):
+    from pathlib import Path
+
+    from megatron_pgpo.config import load_config
+
+    cfg = load_config(str(Path(__file__).resolve().parents[2] / "examples" / f"{name}.yaml"), [])
+    p = cfg.parallel
+    dp = p.data_parallel_size(gpus)
+    plans = plan_engines(GPUS, p.tensor_model_parallel_size, p.pipeline_model_parallel_size, dp,
+                         p.rollout_tensor_parallel_size)
+    assert len(plans) == dp and all(len(pl.local_gpus) == p.rollout_tensor_parallel_size for pl in plans)

@@ -1,4 +1,4 @@
-"""PGPO token weights: hand-computed cases (PGPO_SPEC.md section 2) and the spec's invariants as properties."""
+"""PGPO token weights: hand-computed cases (docs/pgpo_spec.md section 2) and the spec's invariants as properties."""
 import math
 
 import pytest
@@ -82,7 +82,7 @@ def test_bad_hyperparameters_raise(kwargs, match):
         pgpo_token_weights(torch.ones(1, 2), torch.ones(1, 2), **kwargs)
 
 
-# ---- properties (PGPO_SPEC.md section 2, "Invariants a test can check") ----
+# ---- properties (docs/pgpo_spec.md section 2, "Invariants a test can check") ----
 
 special = st.sampled_from([float("nan"), float("inf"), float("-inf"), -1.0, -1e-7, 0.0, 1e-12, 1e4, 1e30])
 score_value = st.one_of(st.floats(min_value=0.0, max_value=50.0), special)

@@ -9,7 +9,7 @@
 * The language model is a stock ``GPTModel`` (RMSNorm, SwiGLU, GQA, qkv bias, mrope) built from the local or TE
   layer spec. Its output is vocab-parallel logits ``[B, S, V_padded / TP]`` (sequence-first inside Megatron,
   batch-first here); padded vocabulary rows are not tokens (``vocab_size`` is the real size).
-* Text-only pass (PGPO_SPEC.md section 1): ``text_only.py`` drops the visual tokens and keeps the original
+* Text-only pass (docs/pgpo_spec.md section 1): ``text_only.py`` drops the visual tokens and keeps the original
   position ids; this module just runs whatever sequence it is given, with or without pixel values.
 * Selected logits: ``forward(..., logit_positions=(batch_index, seq_index))`` runs the output layer on those
   positions only and returns ``[N, V_padded / TP]``. RL needs logits where a response token is predicted, a

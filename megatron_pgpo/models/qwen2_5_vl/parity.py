@@ -12,7 +12,7 @@ per pass with the largest absolute logit difference and PASS/FAIL against the to
 * text-only pass, drop form (what training runs): visual tokens removed, original 3-D positions kept;
 * text-only pass, mask form: full sequence, no token may attend to a visual token.
 
-The transformers text-only reference is the mask form written in transformers' terms (``/work/shared/STACK.md``):
+The transformers text-only reference is the mask form written in transformers' terms (``docs/stack.md``):
 a 4-D additive attention mask plus explicit 3-D position ids computed on the full sequence. The text-only passes
 are compared on the text positions only.
 

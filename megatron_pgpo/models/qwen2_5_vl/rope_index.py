@@ -19,7 +19,7 @@ def image_token_mask(input_ids: torch.Tensor, image_token_id: int, prompt_length
     """``bool[B, S]``: positions holding an image placeholder token.
 
     With ``prompt_lengths [B]`` only prompt positions count: a sampled response may emit ``<|image_pad|>`` as text
-    (PGPO_SPEC.md section 6), which is never an image slot.
+    (docs/pgpo_spec.md section 6), which is never an image slot.
     """
     mask = input_ids == image_token_id
     if prompt_lengths is not None:

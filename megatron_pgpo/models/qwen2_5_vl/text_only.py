@@ -1,4 +1,4 @@
-"""The text-only pass of PGPO (PGPO_SPEC.md section 1): the same sequence, blind to every visual token.
+"""The text-only pass of PGPO (docs/pgpo_spec.md section 1): the same sequence, blind to every visual token.
 
 Two equivalent forms:
 

@@ -1,0 +1,86 @@
+"""The transformers rollout engine on its own (the comparison with vLLM is in tests/distributed/test_rollout_sync.py):
+its log-probs are the raw model's (before temperature / top-k / top-p) even when sampling with them, left padding
+in a batch of different images changes nothing, a seed reproduces a call, and a weight update is a transaction."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import megatron_pgpo.models.qwen2_5_vl  # noqa: F401  (torchvision shim before transformers)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    from megatron_pgpo.models.qwen2_5_vl.tiny_tokenizer import save_tiny_vl_checkpoint
+    from megatron_pgpo.rollout.hf_engine import TransformersEngine, TransformersEngineConfig
+
+    ckpt = save_tiny_vl_checkpoint(tmp_path_factory.mktemp("hf_engine") / "ckpt", "tiny", seed=0)
+    engine = TransformersEngine(TransformersEngineConfig(model_path=str(ckpt), max_model_len=256, batch_size=3))
+    engine.start()
+    yield engine
+    engine.shutdown()
+
+
+def _requests():
+    from megatron_pgpo.rollout.check_sync import image_messages, synthetic_image
+    from megatron_pgpo.rollout.engine import RolloutRequest
+
+    # different image sizes: different prompt lengths, so the batch is left-padded
+    return [RolloutRequest(image_messages("What is in the image ?"), synthetic_image(0, (100, 80))),
+            RolloutRequest(image_messages("Describe the picture ."), synthetic_image(1, (64, 112)))]
+
+
+def _raw_logprobs(engine, request, response):
+    """Reference: one teacher-forced forward of prompt + response, alone (no padding), raw log-softmax."""
+    inputs = engine.processor(text=[engine.prompt_text(request)], images=[request.image], return_tensors="pt")
+    prompt = inputs["input_ids"]
+    ids = torch.cat([prompt, torch.tensor([response])], dim=1)
+    extra = torch.zeros(1, len(response), dtype=inputs["mm_token_type_ids"].dtype)
+    with torch.no_grad():
+        logits = engine.model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
+                              image_grid_thw=inputs["image_grid_thw"],
+                              mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], extra], dim=1)).logits
+    steps = torch.log_softmax(logits[0, prompt.shape[1] - 1: -1].float(), dim=-1)
+    return prompt[0].tolist(), steps.gather(1, torch.tensor(response)[:, None])[:, 0]
+
+
+def test_sampled_logprobs_are_the_raw_models(engine):
+    from megatron_pgpo.rollout.engine import SamplingConfig
+
+    sampling = SamplingConfig(n=2, temperature=0.7, top_k=20, top_p=0.9, max_tokens=8, seed=5)
+    outputs = engine.generate(_requests(), sampling)
+    assert [(o.request_index, o.sample_index) for o in outputs] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    worst = 0.0
+    for o in outputs:
+        prompt, reference = _raw_logprobs(engine, _requests()[o.request_index], o.response_token_ids)
+        assert o.prompt_token_ids == prompt  # without the batch's left padding
+        assert len(o.logprobs) == len(o.response_token_ids) > 0
+        worst = max(worst, float((torch.tensor(o.logprobs) - reference).abs().max()))
+    assert worst < 1e-4, worst
+    again = engine.generate(_requests(), sampling)
+    assert [o.response_token_ids for o in again] == [o.response_token_ids for o in outputs]
+    other = engine.generate(_requests(), SamplingConfig(n=2, temperature=0.7, top_k=20, top_p=0.9, max_tokens=8,
+                                                        seed=6))
+    assert [o.response_token_ids for o in other] != [o.response_token_ids for o in outputs]
+
+
+def test_weight_update_is_a_transaction(engine):
+    from megatron_pgpo.models.qwen2_5_vl.hf_io import HFCheckpointReader
+    from megatron_pgpo.rollout.engine import EngineUnusable, SamplingConfig, WeightUpdateError
+
+    greedy = SamplingConfig(temperature=0.0, max_tokens=6)
+    before = [o.response_token_ids for o in engine.generate(_requests(), greedy)]
+    with HFCheckpointReader(engine.config.model_path) as reader:
+        named = [(n, reader.tensor(n)) for n in reader.names()]
+    version = engine.weight_version
+    with pytest.raises(WeightUpdateError, match="incomplete"):
+        engine.update_weights(named[:-1])
+    assert not engine.usable and engine.weight_version == version
+    with pytest.raises(EngineUnusable):
+        engine.generate(_requests(), greedy)
+    perturbed = [(n, t + 0.05 * torch.randn_like(t)) if n == "model.norm.weight" else (n, t) for n, t in named]
+    assert engine.update_weights(perturbed) == version + 1 and engine.usable
+    assert engine.update_weights(named) == version + 2
+    assert [o.response_token_ids for o in engine.generate(_requests(), greedy)] == before
+    with pytest.raises(WeightUpdateError, match="does not have"):
+        engine.update_weights([("model.layers.99.mlp.up_proj.weight", named[0][1])])
