@@ -152,3 +152,37 @@ class RolloutEngine(abc.ABC):
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+class VersionedEngine(RolloutEngine):
+    """The bookkeeping of the consistency contract that every engine here shares: a weight version, a usable flag
+    that an update clears from its first tensor until it completes, and ``started`` from the engine's handle."""
+
+    _version: int = 0
+    _usable: bool = False
+
+    @abc.abstractmethod
+    def _handle(self) -> Any:
+        """The underlying engine object (None when not started)."""
+
+    @property
+    def started(self) -> bool:
+        return self._handle() is not None
+
+    @property
+    def usable(self) -> bool:
+        return self.started and self._usable
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    def restart(self) -> None:
+        """Fresh engine from its checkpoint (weight version 0): the way back from a failed update."""
+        self.shutdown()
+        self.start()
+
+    def _require_usable(self) -> None:
+        if not self.usable:
+            raise EngineUnusable("the engine is not started or a weight update failed; it may hold mixed weights "
+                                 "(run a complete update_weights first)")

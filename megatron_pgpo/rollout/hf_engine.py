@@ -31,7 +31,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 
-from .engine import (EngineUnusable, RolloutEngine, RolloutOutput, RolloutRequest, SamplingConfig,
+from .engine import (EngineUnusable, RolloutOutput, RolloutRequest, SamplingConfig, VersionedEngine,
                      WeightUpdateError, expected_weight_names)
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class TransformersEngineConfig:
     batch_size: int = 64
 
 
-class TransformersEngine(RolloutEngine):
+class TransformersEngine(VersionedEngine):
     """Rollouts with transformers ``generate``; see the module docstring."""
 
     def __init__(self, config: TransformersEngineConfig):
@@ -140,21 +140,8 @@ class TransformersEngine(RolloutEngine):
         self.model, self.processor, self._params = None, None, {}
         self._usable = False
 
-    def restart(self) -> None:
-        self.shutdown()
-        self.start()
-
-    @property
-    def started(self) -> bool:
-        return self.model is not None
-
-    @property
-    def usable(self) -> bool:
-        return self.model is not None and self._usable
-
-    @property
-    def weight_version(self) -> int:
-        return self._version
+    def _handle(self):
+        return self.model
 
     # ------------------------------------------------------------------------------------------- generation
     def _pad_id(self) -> int:
@@ -167,9 +154,7 @@ class TransformersEngine(RolloutEngine):
         return self.processor.apply_chat_template(request.prompt, tokenize=False, add_generation_prompt=True)
 
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> List[RolloutOutput]:
-        if not self.usable:
-            raise EngineUnusable("the engine is not started or a weight update failed; it may hold mixed weights "
-                                 "(run a complete update_weights first)")
+        self._require_usable()
         rows = [(i, j) for i in range(len(requests)) for j in range(sampling.n)]
         texts = [self.prompt_text(r) for r in requests]
         outputs: List[RolloutOutput] = []

@@ -46,7 +46,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 
-from .engine import (EngineUnusable, RolloutEngine, RolloutOutput, RolloutRequest, SamplingConfig,
+from .engine import (EngineUnusable, RolloutOutput, RolloutRequest, SamplingConfig, VersionedEngine,
                      WeightUpdateError, expected_weight_names)
 from .weight_sync import DEFAULT_BUCKET_BYTES, iter_buckets
 
@@ -125,7 +125,7 @@ class VLLMEngineConfig:
     rpc_timeout_s: float = 600.0
 
 
-class VLLMEngine(RolloutEngine):
+class VLLMEngine(VersionedEngine):
     """vLLM rollout engine; see the module docstring for deployment and failure policy."""
 
     def __init__(self, config: VLLMEngineConfig):
@@ -231,22 +231,8 @@ class VLLMEngine(RolloutEngine):
             shutil.rmtree(self._private_tmp, ignore_errors=True)
             self._private_tmp = None
 
-    def restart(self) -> None:
-        """Fresh engine from ``model_path`` (weight version 0): the way back from a failed reload."""
-        self.shutdown()
-        self.start()
-
-    @property
-    def started(self) -> bool:
-        return self.llm is not None
-
-    @property
-    def usable(self) -> bool:
-        return self.llm is not None and self._usable
-
-    @property
-    def weight_version(self) -> int:
-        return self._version
+    def _handle(self):
+        return self.llm
 
     def sleep(self) -> None:
         """Free weights and KV cache on GPU (``enable_sleep_mode``); no-op on CPU (vLLM has no sleep mode there)."""
@@ -266,9 +252,7 @@ class VLLMEngine(RolloutEngine):
         return tokenizer.apply_chat_template(request.prompt, tokenize=False, add_generation_prompt=True)
 
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> List[RolloutOutput]:
-        if not self.usable:
-            raise EngineUnusable("the engine is not started or a weight update failed; it may hold mixed weights "
-                                 "(run a complete update_weights first)")
+        self._require_usable()
         from vllm import SamplingParams
 
         inputs, params = [], []
