@@ -17,8 +17,9 @@ updates since start.
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 if TYPE_CHECKING:
     import torch
@@ -181,6 +182,24 @@ class VersionedEngine(RolloutEngine):
         """Fresh engine from its checkpoint (weight version 0): the way back from a failed update."""
         self.shutdown()
         self.start()
+
+    @contextlib.contextmanager
+    def _update_transaction(self) -> Iterator[int]:
+        """``with self._update_transaction() as version:`` load a complete set of weights. Unusable from the first
+        tensor; usable at ``version`` only when the block completes; any exception leaves it unusable and comes out
+        as ``WeightUpdateError``."""
+        if not self.started:
+            raise EngineUnusable("start() the engine first")
+        version = self._version + 1
+        self._usable = False
+        try:
+            yield version
+        except WeightUpdateError:
+            raise
+        except Exception as exc:
+            raise WeightUpdateError(f"weight update {version} failed; engine unusable until a complete update: "
+                                    f"{exc}") from exc
+        self._version, self._usable = version, True
 
     def _require_usable(self) -> None:
         if not self.usable:

@@ -31,7 +31,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 
-from .engine import (EngineUnusable, RolloutOutput, RolloutRequest, SamplingConfig, VersionedEngine,
+from .engine import (RolloutOutput, RolloutRequest, SamplingConfig, VersionedEngine,
                      WeightUpdateError, expected_weight_names)
 
 log = logging.getLogger(__name__)
@@ -215,30 +215,19 @@ class TransformersEngine(VersionedEngine):
 
         Raises ``EngineUnusable`` when not started, ``WeightUpdateError`` (engine left unusable) on any failure.
         """
-        if self.model is None:
-            raise EngineUnusable("start() the engine first")
-        version = self._version + 1
-        self._usable = False  # from the first tensor until the last, the weights may be mixed
         received: Set[str] = set()
-        try:
-            with torch.no_grad():
-                for name, tensor in named_tensors:
-                    target = self._params.get(module_name(name)) if name in self._expected else None
-                    if target is None:
-                        raise WeightUpdateError(f"tensors the model does not have: {name!r}")
-                    if tuple(target.shape) != tuple(tensor.shape):
-                        raise WeightUpdateError(f"{name}: shape {tuple(tensor.shape)}, the model has "
-                                                f"{tuple(target.shape)}")
-                    target.copy_(tensor.to(device=target.device, dtype=target.dtype))
-                    received.add(name)
+        with self._update_transaction() as version, torch.no_grad():  # mixed weights until the last tensor
+            for name, tensor in named_tensors:
+                target = self._params.get(module_name(name)) if name in self._expected else None
+                if target is None:
+                    raise WeightUpdateError(f"tensors the model does not have: {name!r}")
+                if tuple(target.shape) != tuple(tensor.shape):
+                    raise WeightUpdateError(f"{name}: shape {tuple(tensor.shape)}, the model has "
+                                            f"{tuple(target.shape)}")
+                target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+                received.add(name)
             missing = self._expected - received
             if missing:
                 raise WeightUpdateError(f"update {version} is incomplete: {len(missing)} tensors never arrived, e.g. "
                                         f"{sorted(missing)[:3]}")
-        except WeightUpdateError:
-            raise
-        except Exception as exc:
-            raise WeightUpdateError(f"weight update {version} failed; engine unusable until a complete update: "
-                                    f"{exc}") from exc
-        self._version, self._usable = version, True
-        return version
+        return self._version

@@ -303,10 +303,8 @@ class VLLMEngine(VersionedEngine):
             raise EngineUnusable("start() the engine first")
         if self.needs_restart:
             self.restart()
-        version = self._version + 1
-        self._usable = False  # from the first byte until the commit, the weights may be mixed
         sent: Set[str] = set()
-        try:
+        with self._update_transaction() as version:  # from the first byte until the commit, weights may be mixed
             self._rpc("pgpo_begin_update", version)
             for bucket in iter_buckets(named_tensors, self.config.bucket_bytes):
                 payload = self._encode(bucket)
@@ -327,13 +325,7 @@ class VLLMEngine(VersionedEngine):
             self._rpc("pgpo_commit", version, sorted(self._expected))
             self.llm.reset_prefix_cache()
             self.llm.llm_engine.reset_encoder_cache()  # else stale vision features (and "Encoder cache miss")
-        except WeightUpdateError:
-            raise
-        except Exception as exc:
-            raise WeightUpdateError(f"weight update {version} failed; engine unusable until a complete update: "
-                                    f"{exc}") from exc
-        self._version, self._usable = version, True
-        return version
+        return self._version
 
     def worker_weight_state(self) -> List[Dict]:
         """Each vLLM worker's committed version and open (pending) update, for checks and debugging."""

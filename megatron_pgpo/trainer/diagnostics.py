@@ -7,7 +7,7 @@ on the last pipeline stage, each data-parallel rank holding its share of the bat
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
