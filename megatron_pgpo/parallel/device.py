@@ -79,11 +79,13 @@ def local_rank_from_env(env: Mapping[str, str] = os.environ, default: int = 0) -
 
 
 def local_world_size_from_env(env: Mapping[str, str] = os.environ) -> Optional[int]:
-    """``LOCAL_WORLD_SIZE`` (torchrun) or ``SLURM_NTASKS_PER_NODE`` when it is a plain number, else None."""
-    for key in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
-        value = env.get(key, "")
-        if value.isdigit():
-            return int(value)
+    """Ranks per node: ``LOCAL_WORLD_SIZE`` (torchrun), else Slurm's tasks per node when every node has the same
+    number (``SLURM_NTASKS_PER_NODE``, ``SLURM_STEP_TASKS_PER_NODE`` / ``SLURM_TASKS_PER_NODE`` in Slurm's
+    ``8(x2)`` or ``8,8`` form); None when unknown or uneven."""
+    for key in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        counts = {part.split("(")[0] for part in env.get(key, "").split(",") if part}
+        if len(counts) == 1 and next(iter(counts)).isdigit():
+            return int(next(iter(counts)))
     return None
 
 

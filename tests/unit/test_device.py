@@ -41,5 +41,8 @@ def test_launcher_variables():
     assert local_rank_from_env({"SLURM_LOCALID": "1"}) == 1
     assert local_rank_from_env({}, default=7) == 7
     assert local_world_size_from_env({"LOCAL_WORLD_SIZE": "8"}) == 8
-    assert local_world_size_from_env({"SLURM_NTASKS_PER_NODE": "4(x2)"}) is None
     assert local_world_size_from_env({"SLURM_NTASKS_PER_NODE": "4"}) == 4
+    assert local_world_size_from_env({"SLURM_STEP_TASKS_PER_NODE": "8(x2)"}) == 8
+    assert local_world_size_from_env({"SLURM_TASKS_PER_NODE": "8,8"}) == 8
+    assert local_world_size_from_env({"SLURM_TASKS_PER_NODE": "8,4"}) is None  # uneven nodes: unknown
+    assert local_world_size_from_env({}) is None
