@@ -94,7 +94,8 @@ def score_loss_func(mb: ModelBatch, extras: dict, output: torch.Tensor, *, vocab
             scores = k3_divergence(logp, logp_text)
         else:
             scores = vocab_parallel_kl(img, output[n:], vocab_size=vocab_size, chunk_tokens=chunk_tokens)
-    out = ScoreOutput(mb.indices, *(scatter_to_mask(x.detach().cpu(), mask) for x in (logp, logp_text, scores, entropy)))
+    out = ScoreOutput(mb.indices, *(scatter_to_mask(x.detach().cpu(), mask)
+                                    for x in (logp, logp_text, scores, entropy)))
     return output.new_zeros(()), {"score": out}
 
 

@@ -225,6 +225,6 @@ def build_model(hf_config, tp: int = 1, pp: int = 1, dtype: str = "fp32", transf
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
     model = Qwen2_5_VLMegatronModel(hf_config, config, transformer_impl=transformer_impl, pre_process=pre_process,
-                                    post_process=post_process, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-                                    device=device)
+                                    post_process=post_process, device=device,
+                                    make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     return model.to(device) if device is not None else model
