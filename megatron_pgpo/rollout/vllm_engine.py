@@ -102,6 +102,9 @@ class VLLMEngineConfig:
     enforce_eager: no CUDA graphs (CPU: required; CUDA: off by default, graphs are much faster for decoding).
     visible_devices: ``CUDA_VISIBLE_DEVICES`` of the engine's processes (``parallel/placement.py``: GPUs of the
         owner's own replica); None: inherit this process's.
+    enable_sleep_mode / sleep_level: vLLM sleep mode (CUDA only). Level 2 drops weights and KV cache (the engine
+        is then unusable until a complete ``update_weights``: what the trainer sends after every step anyway);
+        level 1 keeps a copy of the weights in host memory.
     """
 
     model_path: str
@@ -121,6 +124,7 @@ class VLLMEngineConfig:
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     logprobs_mode: str = "raw_logprobs"
     enable_sleep_mode: bool = False
+    sleep_level: int = 2
     log_level: str = "WARNING"
     rpc_timeout_s: float = 600.0
 
@@ -214,7 +218,7 @@ class VLLMEngine(VersionedEngine):
             torch.set_num_threads = set_threads
             torch.set_num_threads(threads)
             gc.unfreeze()
-        self._version, self._usable, self.needs_restart = 0, True, False
+        self._version, self._usable, self.needs_restart, self._asleep = 0, True, False, frozenset()
 
     def shutdown(self) -> None:
         llm, self.llm = self.llm, None
@@ -235,13 +239,23 @@ class VLLMEngine(VersionedEngine):
         return self.llm
 
     def sleep(self) -> None:
-        """Free weights and KV cache on GPU (``enable_sleep_mode``); no-op on CPU (vLLM has no sleep mode there)."""
-        if self.llm is not None and self.config.enable_sleep_mode and torch.cuda.is_available():
-            self.llm.sleep(level=1)
+        """Free weights and KV cache on the GPU (``enable_sleep_mode``, ``sleep_level``); a no-op on the CPU, where
+        vLLM has no sleep mode, and when already asleep."""
+        if self.llm is None or not self.config.enable_sleep_mode or not torch.cuda.is_available() or self._asleep:
+            return
+        self.llm.sleep(level=self.config.sleep_level)
+        self._asleep = frozenset(("weights", "kv_cache"))
+        if self.config.sleep_level >= 2:
+            self._usable = False  # the weights are gone: only a complete update makes the engine usable again
 
-    def wake(self) -> None:
-        if self.llm is not None and self.config.enable_sleep_mode and torch.cuda.is_available():
-            self.llm.wake_up()
+    def wake(self, tags: Optional[Sequence[str]] = None) -> None:
+        """Restore ``tags`` (None: all) of what ``sleep`` released: the trainer wakes the weights before a weight
+        update and the KV cache after it, so the two never hold GPU memory at the same time as training does."""
+        wanted = self._asleep if tags is None else self._asleep & frozenset(tags)
+        if not wanted:
+            return
+        self.llm.wake_up(tags=sorted(wanted))
+        self._asleep = self._asleep - wanted
 
     # ------------------------------------------------------------------------------------------- generation
     def prompt_text(self, request: RolloutRequest) -> str:

@@ -80,6 +80,7 @@ class Rollouts:
                 model_path=self.cfg.model.hf_path, run_dir=str(self.run_dir), dtype="float32" if on_cpu else "auto",
                 tensor_parallel_size=p.rollout_tensor_parallel_size, max_model_len=self.max_model_len,
                 enforce_eager=on_cpu if r.enforce_eager is None else r.enforce_eager, visible_devices=visible,
+                enable_sleep_mode=not on_cpu if r.sleep_mode is None else r.sleep_mode,
                 kv_cache_memory_bytes=r.kv_cache_memory_bytes if on_cpu else None,
                 gpu_memory_utilization=r.gpu_memory_utilization, seed=self.cfg.trainer.seed,
                 bucket_bytes=r.weight_sync_bucket_mb << 20))
@@ -182,6 +183,8 @@ class Rollouts:
                 samples = [s for s, k in zip(samples, keep.tolist()) if k]
             kept += samples
         stats["sampling/skipped_long_prompts"] = float(self.skipped_long_prompts - skipped_before)
+        if self.engine is not None and kept:  # with nothing to train on there is no sync either: stay awake
+            self.engine.sleep()  # training has the GPU until the next sync (rollout.sleep_mode; no-op elsewhere)
         return kept, reward_stats(everything, stats)  # kept may be empty: every group was uniform
 
     def evaluate(self, val_dataset, limit: Optional[int] = None) -> float:
@@ -197,7 +200,11 @@ class Rollouts:
         from ..rollout.weight_sync import sync_weights
 
         t0 = time.perf_counter()
+        if self.engine is not None:
+            self.engine.wake(["weights"])  # the weights' memory first, the KV cache only once they are loaded
         sync_weights(module, self.engine, transformer_impl=transformer_impl)
+        if self.engine is not None:
+            self.engine.wake(["kv_cache"])
         return time.perf_counter() - t0
 
     def close(self) -> None:
