@@ -32,6 +32,7 @@ from ..config import Config, to_dict
 from ..parallel import collectives
 from .batch import Sample, collate, length_bucketed_micro_batches, prompt_grouped_micro_batches
 from .diagnostics import log_samples, plumbing_checks, response_mask
+from .offload import offloaded
 from .prompts import PromptStream, split_round_robin
 from .rollouts import Rollouts
 
@@ -262,7 +263,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 position = self.stream.position
                 try:
-                    samples, stats = self.rollouts.batch(self.dataset, self.stream, self.step)
+                    with offloaded(self.policy.model, self.policy.optimizer, cfg.trainer.offload_during_rollout):
+                        samples, stats = self.rollouts.batch(self.dataset, self.stream, self.step)
                 except Exception:
                     # Slurm signals every process of the job step, the vLLM engine's too: a rollout that failed
                     # after a preemption signal is dropped (nothing of this step was applied) and the last complete

@@ -98,7 +98,8 @@ def test_kill_9_after_a_checkpoint_then_resume_reproduces_the_uninterrupted_run(
                                                                                  reference_run):
     """Start the same run, SIGKILL the whole process group (ranks and vLLM engine) once step 1's checkpoint is
     complete, run the same command again: it resumes, and every metric of the remaining steps equals the
-    uninterrupted run's exactly (CPU, fp32, seeded sampling)."""
+    uninterrupted run's exactly (CPU, fp32, seeded sampling). The resumed run offloads its training state during
+    rollouts (``trainer.offload_during_rollout``), so this is also a run with offloading equal to one without."""
     _, reference = reference_run
     run_dir = tmp_path / "run"
     log = (tmp_path / "killed.log").open("w")
@@ -114,7 +115,7 @@ def test_kill_9_after_a_checkpoint_then_resume_reproduces_the_uninterrupted_run(
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = int(latest.read_text().split("_")[1])
     assert killed_at < STEPS
-    records = _train(run_dir, demo_checkpoint, STEPS, *TP2_SP)
+    records = _train(run_dir, demo_checkpoint, STEPS, *TP2_SP, "trainer.offload_during_rollout=true")
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     for got, want in zip(records[killed_at:], reference[killed_at:]):
         assert _deterministic(got) == _deterministic(want), got["step"]
