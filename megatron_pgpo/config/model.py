@@ -26,6 +26,11 @@ class ModelConfig(Section):
     """FP8 recipe for Transformer Engine linear layers; needs transformer_impl=transformer_engine and dtype=bf16."""
     train_vision_tower: bool = True
     """Update the vision tower and merger too (the paper does); False freezes them."""
+    vision_attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    """Attention of the vision tower: auto = flash_attention_2 on CUDA where flash-attn is installed, else sdpa.
+    Eager attention keeps the [patches, patches] scores for the backward pass (~10 GiB per full-size image)."""
+    vision_recompute: bool = False
+    """Recompute each vision block in the backward pass (keeps only the blocks' inputs)."""
     make_vocab_size_divisible_by: int = 128
     """Megatron pads the vocabulary to a multiple of this times TP; the padded rows are never tokens."""
     recompute: Literal["none", "selective", "full"] = "none"

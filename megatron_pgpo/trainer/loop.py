@@ -71,7 +71,8 @@ class Trainer:
         model = build_model(hf_path, tp=self.tp, pp=self.pp, dtype=cfg.model.dtype,
                             transformer_impl=cfg.model.transformer_impl, sequence_parallel=cfg.parallel.sequence_parallel,
                             make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
-                            recompute=cfg.model.recompute, fp8=cfg.model.fp8, init_weights=False, device=self.device)
+                            recompute=cfg.model.recompute, fp8=cfg.model.fp8, init_weights=False, device=self.device,
+                            vision_attention=cfg.model.vision_attention, vision_recompute=cfg.model.vision_recompute)
         load_hf_into_model(model, hf_path, ps.get_tensor_model_parallel_rank(), self.tp,
                            ps.get_pipeline_model_parallel_rank(), self.pp, cfg.model.transformer_impl)
         self.policy = MegatronPolicy(model, cfg)

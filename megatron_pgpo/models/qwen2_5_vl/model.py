@@ -42,11 +42,16 @@ class Qwen2_5_VLMegatronModel(nn.Module):
         make_vocab_size_divisible_by: Megatron's vocabulary padding unit (times TP).
         device: where the vision tower is created (None: the CPU); Megatron's layers follow the config's
             ``use_cpu_initialization`` (see ``build_model``).
+        vision_attention: the vision tower's attention in transformers' terms (``eager``, ``sdpa``,
+            ``flash_attention_2``; ``resolve_vision_attention`` picks one for ``auto``).
+        vision_recompute: recompute each vision block in the backward pass (transformers' gradient checkpointing,
+            non-reentrant): only the blocks' inputs are kept.
     """
 
     def __init__(self, hf_config, transformer_config, transformer_impl: str = "local", pre_process: bool = True,
                  post_process: bool = True, make_vocab_size_divisible_by: int = 128, vp_stage: Optional[int] = None,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, vision_attention: str = "eager",
+                 vision_recompute: bool = False):
         super().__init__()
         from megatron.core.enums import ModelType
         from megatron.core.models.gpt import GPTModel
@@ -62,7 +67,8 @@ class Qwen2_5_VLMegatronModel(nn.Module):
         )
         self.image_token_id = self.hf_config.image_token_id
         self.spatial_merge_size = self.hf_config.vision_config.spatial_merge_size
-        self.vision_model = self._build_vision_tower(device) if pre_process else None
+        self.vision_model = (self._build_vision_tower(device, vision_attention, vision_recompute) if pre_process
+                             else None)
         self.language_model = GPTModel(
             config=transformer_config,
             transformer_layer_spec=get_block_spec(transformer_impl, transformer_config, vp_stage),
@@ -86,18 +92,23 @@ class Qwen2_5_VLMegatronModel(nn.Module):
             self.language_model.output_layer.register_forward_pre_hook(self._select_logit_positions,
                                                                        with_kwargs=True)
 
-    def _build_vision_tower(self, device: Optional[torch.device] = None) -> nn.Module:
+    def _build_vision_tower(self, device: Optional[torch.device], attention: str, recompute: bool) -> nn.Module:
+        import copy
+        import contextlib
+
         from ...compat.torchvision_ops import ensure_torchvision_importable
 
         ensure_torchvision_importable()
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-        vision_config = self.hf_config.vision_config
-        vision_config._attn_implementation = "eager"  # deterministic and available everywhere
-        if device is None:  # the caller's default device (e.g. an enclosing torch.device("meta") of the planner)
-            return Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config, dtype=self.config.params_dtype)
-        with torch.device(device):
-            return Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config, dtype=self.config.params_dtype)
+        vision_config = copy.deepcopy(self.hf_config.vision_config)
+        vision_config._attn_implementation = attention
+        # device None: the caller's default device (e.g. an enclosing torch.device("meta") of the planner)
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config, dtype=self.config.params_dtype)
+        if recompute:
+            tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return tower
 
     def _select_logit_positions(self, layer, args, kwargs):
         """Output-layer pre-hook: hidden ``[S(/TP), B, H]`` -> ``[N, 1, H]`` at ``self._logit_positions``.
@@ -200,10 +211,32 @@ class Qwen2_5_VLMegatronModel(nn.Module):
         return sharded
 
 
+VISION_ATTENTION = ("auto", "eager", "sdpa", "flash_attention_2")
+
+
+def resolve_vision_attention(choice: str, device: Optional[torch.device] = None) -> str:
+    """transformers' attention implementation for the vision tower: ``auto`` is ``flash_attention_2`` on CUDA where
+    the flash-attn package is installed, else ``sdpa`` (both keep no ``[patches, patches]`` score matrix: at the
+    paper's image size eager attention keeps ~10 GiB per image for the backward pass)."""
+    if choice not in VISION_ATTENTION:
+        raise ValueError(f"vision attention {choice!r}: choose one of {', '.join(VISION_ATTENTION)}")
+    import importlib.util
+
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if choice == "flash_attention_2" and not has_flash:
+        raise ValueError("model.vision_attention=flash_attention_2 needs the flash-attn package (pip install "
+                         "flash-attn); use sdpa or auto")
+    if choice != "auto":
+        return choice
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    return "flash_attention_2" if on_cuda and has_flash else "sdpa"
+
+
 def build_model(hf_config, tp: int = 1, pp: int = 1, dtype: str = "fp32", transformer_impl: str = "local",
                 sequence_parallel: bool = False, make_vocab_size_divisible_by: int = 128, init_weights: bool = True,
                 pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
-                device: Optional[torch.device] = None, **config_overrides):
+                device: Optional[torch.device] = None, vision_attention: str = "eager", vision_recompute: bool = False,
+                **config_overrides):
     """Build this rank's stage (Megatron parallel state must be initialised at (TP, PP)).
 
     ``device``: build the stage for this device the way Megatron-LM's ``get_model``
@@ -212,6 +245,7 @@ def build_model(hf_config, tp: int = 1, pp: int = 1, dtype: str = "fp32", transf
     created under that device, and the module is then moved there as a whole (``model_module.cuda(...)`` in
     ``get_model``: buffers such as rotary tables and any straggler). DDP wraps it afterwards (``MegatronPolicy``).
     None keeps the historical CPU build (``use_cpu_initialization=True``), which parity tests and converters use.
+    ``vision_attention`` / ``vision_recompute``: see ``Qwen2_5_VLMegatronModel`` (``auto`` is resolved here).
     """
     from megatron.core import parallel_state
 
@@ -226,5 +260,7 @@ def build_model(hf_config, tp: int = 1, pp: int = 1, dtype: str = "fp32", transf
         post_process = parallel_state.is_pipeline_last_stage()
     model = Qwen2_5_VLMegatronModel(hf_config, config, transformer_impl=transformer_impl, pre_process=pre_process,
                                     post_process=post_process, device=device,
-                                    make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+                                    make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                                    vision_attention=resolve_vision_attention(vision_attention, device),
+                                    vision_recompute=vision_recompute)
     return model.to(device) if device is not None else model
