@@ -28,11 +28,13 @@ each query sees:
   attention (GPU) would store less than the local core attention without recompute (no scores, no mask, no
   expanded K/V), so without recompute the formula is an upper bound there; selective recompute checkpoints q, k,
   v either way.
-* The vision tower (transformers' module, eager attention, never TP-split or recomputed), per patch and block:
-  two norms in fp32 (``4h + 4 + E h`` each: fp32 input, rstd, normalised bf16), the qkv input, q, k (``E h``
-  each) and the qkv output (``3 E h``), scores ``(4 + E) a span`` (full attention over the image in
-  ``fullatt_block_indexes``, windows otherwise), the projection and MLP inputs (``E h`` each) and its SwiGLU
-  ``4 E f``; once per image: the patch-embedding input, the fp32 rotary cos/sin (``8 d``) and the merger.
+* The vision tower (transformers' module, never TP-split), per patch and block: two norms in fp32
+  (``4h + 4 + E h`` each: fp32 input, rstd, normalised bf16), the qkv input, q, k (``E h`` each) and the qkv
+  output (``3 E h``), with eager attention its scores ``(4 + E) a span`` (full attention over the image in
+  ``fullatt_block_indexes``, windows otherwise), with a fused kernel (SDPA, flash-attention) its output and
+  log-sum-exp instead (``E h + 4 a``), the projection and MLP inputs (``E h`` each) and its SwiGLU ``4 E f``; once
+  per image: the patch-embedding input, the fp32 rotary cos/sin (``8 d``) and the merger. With
+  ``model.vision_recompute`` each block keeps its input only, and one block is rebuilt at a time.
 * Pipeline parallelism (1F1B): stage ``i`` of ``p`` keeps the activations of ``min(p - i, micro-batches)``
   micro-batches (the first stage holds ``p`` micro-batches of ``layers / p`` layers, and as many images' vision
   activations), plus each in-flight micro-batch's output sent to the next stage (``E h`` per token, / t with SP).
@@ -117,17 +119,37 @@ def decoder_block_extra_bytes(seq: int, micro_batch: int, hidden: int, heads: in
     return extra
 
 
-def vision_activation_bytes(patches: int, images: int, hidden: int, heads: int, ffn: int, depth: int,
-                            full_attention_blocks: int, window_patches: int, patch_input: int,
-                            element_bytes: int = 2) -> int:
-    """Bytes the vision tower (transformers' module, eager attention, no TP, no recompute) saves for ``images``
-    images of ``patches`` patches each in the update pass (module docstring; measured exactly on CPU in bf16)."""
+VISION_ATTENTION_KINDS = ("eager", "sdpa", "flash_attention_2", "auto")
+
+
+def vision_block_bytes(span: int, hidden: int, heads: int, ffn: int, element_bytes: int = 2,
+                       attention: str = "eager") -> int:
+    """Bytes one vision block saves per patch when each patch attends to ``span`` patches (module docstring).
+
+    Eager attention keeps its fp32 softmax and the bf16 copy of it (``(4 + E) a span``); a fused kernel (SDPA on
+    CPU and CUDA, flash-attention) keeps its output and an fp32 log-sum-exp per head instead (``E h + 4 a``,
+    measured on CPU; ``auto`` plans a GPU run, where it resolves to one of those)."""
+    if attention not in VISION_ATTENTION_KINDS:
+        raise ValueError(f"unknown vision attention {attention!r}; valid: {', '.join(VISION_ATTENTION_KINDS)}")
     h, a, f, e = hidden, heads, ffn, element_bytes
     norm = 4 * h + 4 + e * h  # fp32 input, rstd, the normalised bf16 the weight multiplies
-    per_patch = 0
-    for block in range(depth):
-        span = patches if block < full_attention_blocks else min(window_patches, patches)
-        per_patch += 2 * norm + e * h * (1 + 2 + 3 + 1 + 1) + (4 + e) * a * span + 4 * e * f
+    scores = (4 + e) * a * span if attention == "eager" else e * h + 4 * a
+    return 2 * norm + e * h * (1 + 2 + 3 + 1 + 1) + scores + 4 * e * f
+
+
+def vision_activation_bytes(patches: int, images: int, hidden: int, heads: int, ffn: int, depth: int,
+                            full_attention_blocks: int, window_patches: int, patch_input: int,
+                            element_bytes: int = 2, attention: str = "eager", recompute: bool = False) -> int:
+    """Bytes the vision tower (transformers' module, no TP) keeps for the backward pass of ``images`` images of
+    ``patches`` patches each in the update pass (module docstring; measured exactly on CPU in bf16).
+
+    ``recompute`` (``model.vision_recompute``): each block keeps only its input (``E h`` per patch), and one block
+    at a time is rebuilt during the backward pass (the largest, a full-attention block, counted once)."""
+    h, a, e = hidden, heads, element_bytes
+    spans = [patches if block < full_attention_blocks else min(window_patches, patches) for block in range(depth)]
+    blocks = [vision_block_bytes(span, h, a, ffn, e, attention) for span in spans]
+    per_patch = depth * e * h + max(blocks) if recompute else sum(blocks)
+    norm = 4 * h + 4 + e * h
     rotary = 8 * (h // a)  # fp32 cos and sin, shared by every block
     merger = norm + 3 * e * h  # ln_q, then the inputs of its two linears and its GeLU (p/4 rows of 4h)
     per_patch += e * patch_input + rotary + merger

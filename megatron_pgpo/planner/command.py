@@ -22,6 +22,7 @@ DEFAULTS: Dict[str, Any] = dict(
     micro_batch_size=2, max_pixels=1003520, estimator="k3", kl_chunk_tokens=1024, text_only_pass=True, dtype="bf16",
     recompute="selective", sequence_parallel=None, distributed_optimizer=True, train_vision_tower=True,
     gpu_memory_utilization=0.5, rollout_tp=None, tp=None, pp=None, make_vocab_size_divisible_by=128,
+    vision_attention="auto", vision_recompute=False, sleep_mode=True, offload_during_rollout=False,
 )
 
 
@@ -52,6 +53,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replicate the optimizer state on every DP rank")
     p.add_argument("--freeze-vision-tower", dest="train_vision_tower", action="store_false", default=None,
                    help="model.train_vision_tower=false")
+    p.add_argument("--vision-attention", choices=("auto", "eager", "sdpa", "flash_attention_2"),
+                   help="model.vision_attention (default auto: flash-attention or SDPA, no attention scores kept)")
+    p.add_argument("--vision-recompute", dest="vision_recompute", action="store_true", default=None,
+                   help="model.vision_recompute=true: each vision block keeps only its input")
+    p.add_argument("--no-sleep-mode", dest="sleep_mode", action="store_false", default=None,
+                   help="rollout.sleep_mode=false: the engine keeps its share while training runs (default: it "
+                        "sleeps, as on GPUs by default)")
+    p.add_argument("--offload-during-rollout", dest="offload_during_rollout", action="store_true", default=None,
+                   help="trainer.offload_during_rollout=true: the training state waits in host memory during rollouts")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="model dtype (default bf16)")
     p.add_argument("--estimator", choices=("k3", "exact"), help="algorithm.pgpo.estimator (default k3)")
     p.add_argument("--kl-chunk-tokens", type=int, help="algorithm.pgpo.kl_chunk_tokens (default 1024)")
@@ -81,7 +91,10 @@ def _from_run_config(path: str) -> Dict[str, Any]:
     return dict(tp=par.tensor_model_parallel_size, pp=par.pipeline_model_parallel_size,
                 rollout_tp=par.rollout_tensor_parallel_size, sequence_parallel=par.sequence_parallel,
                 distributed_optimizer=par.use_distributed_optimizer, dtype=model.dtype, recompute=model.recompute,
-                train_vision_tower=model.train_vision_tower,
+                train_vision_tower=model.train_vision_tower, vision_attention=model.vision_attention,
+                vision_recompute=model.vision_recompute,
+                sleep_mode=True if r.sleep_mode is None else r.sleep_mode,  # None: on with CUDA, what plans are for
+                offload_during_rollout=t.offload_during_rollout,
                 make_vocab_size_divisible_by=model.make_vocab_size_divisible_by, n=r.n,
                 response_length=r.max_new_tokens, gpu_memory_utilization=r.gpu_memory_utilization,
                 rollout_batch_size=d.rollout_batch_size, prompt_length=d.max_prompt_length,
@@ -157,7 +170,9 @@ def run_plan(args: argparse.Namespace) -> int:
                       recompute=values["recompute"], sequence_parallel=values["sequence_parallel"],
                       distributed_optimizer=values["distributed_optimizer"], dtype=values["dtype"],
                       train_vision_tower=values["train_vision_tower"], rollout_tp=values["rollout_tp"],
-                      make_vocab_size_divisible_by=values["make_vocab_size_divisible_by"])
+                      make_vocab_size_divisible_by=values["make_vocab_size_divisible_by"],
+                      vision_attention=values["vision_attention"], vision_recompute=values["vision_recompute"],
+                      sleep_mode=values["sleep_mode"], offload_during_rollout=values["offload_during_rollout"])
     try:
         rec = recommend(shape, workload, options, tp=values["tp"], pp=values["pp"])
     except ValueError as exc:

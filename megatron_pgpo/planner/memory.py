@@ -1,16 +1,22 @@
 """Memory of one training layout, per GPU and per pipeline stage, in bytes.
 
-A GPU of a colocated run holds two things at once (our loop keeps the vLLM engine resident; it never sleeps):
+A GPU of a colocated run holds two things, at once or in turns:
 
 * vLLM's share, ``rollout.gpu_memory_utilization x GPU memory``: the rollout weights (bf16, split over the rollout
   TP) and a KV cache filling the rest. KV bytes per token = 2 (K and V) x layers x KV heads x head_dim x 2 bytes,
   divided over the rollout TP (a GPU keeps at least one KV head). One engine serves each DP replica, so its share
   of a rollout step is ``rollout_batch_size / DP x n`` sequences of ``prompt + response`` tokens; when their KV
   does not fit at once vLLM runs them in waves (``rollout_waves``). It cannot start without room for one sequence.
-* Training, in the rest minus a flat reserve (CUDA context, NCCL buffers, allocator fragmentation: not modelled):
-  weights + gradients + optimizer state (``buffers.py``, exact), plus the larger of the update pass (activations of
-  the in-flight micro-batches, the vision tower's on the first stage, the logits and their gradient on the last)
-  and the scoring pass (no gradient: the image and text-only logits of the response tokens on the last stage).
+* Training: weights + gradients + optimizer state (``buffers.py``, exact), plus the larger of the update pass
+  (activations of the in-flight micro-batches, the vision tower's on the first stage, the logits and their gradient
+  on the last) and the scoring pass (no gradient: the image and text-only logits of the response tokens on the last
+  stage). A flat reserve stands for the CUDA context, NCCL buffers and allocator fragmentation (not modelled).
+
+With vLLM's sleep mode (``rollout.sleep_mode``, the default on GPUs) they take turns: the engine drops its weights
+and KV cache after the rollouts (level 2), so training has the whole GPU minus the reserve; while the engine
+generates, training keeps its weights, gradients and optimizer state on the GPU next to the engine's share, unless
+``trainer.offload_during_rollout`` moves them to host memory. Without sleep mode both are resident together and
+training has ``(1 - gpu_memory_utilization) x GPU memory`` minus the reserve.
 
 The vLLM engine runs on the GPUs of stage 0's TP rank 0 and its rollout-TP peers; every GPU is charged for it,
 which is exact for those and conservative for the rest.
@@ -65,6 +71,10 @@ class Layout:
     dtype: str = "bf16"
     train_vision_tower: bool = True
     make_vocab_size_divisible_by: int = 128
+    vision_attention: str = "auto"  # model.vision_attention: eager keeps [patches, patches] scores, the rest do not
+    vision_recompute: bool = False  # model.vision_recompute
+    sleep_mode: bool = True  # rollout.sleep_mode: the engine frees its share while training runs
+    offload_during_rollout: bool = False  # trainer.offload_during_rollout: training state in host memory meanwhile
 
     @property
     def gpus(self) -> int:
@@ -138,16 +148,37 @@ class MemoryPlan:
 
     @property
     def training_budget(self) -> int:
+        """What training may use: the GPU minus the reserve while the engine sleeps, else minus its share too."""
+        if self.layout.sleep_mode:
+            return self.gpu_memory - self.reserve
         return int(self.gpu_memory * (1 - self.gpu_memory_utilization)) - self.reserve
+
+    def kept_during_rollout(self, stage: StageMemory) -> int:
+        """What training keeps on a GPU of ``stage`` while the engine generates (its state, unless offloaded)."""
+        return 0 if self.layout.offload_during_rollout else stage.state
+
+    @property
+    def rollout_headroom(self) -> int:
+        """With sleep mode: the GPU minus the reserve, the engine's share and the worst stage's kept state; without
+        it the training budget already leaves the share free (then the training headroom)."""
+        if not self.layout.sleep_mode:
+            return self.training_headroom
+        kept = max(self.kept_during_rollout(s) for s in self.stages)
+        return self.gpu_memory - self.reserve - self.rollout.budget - kept
 
     @property
     def peak_stage(self) -> StageMemory:
         return max(self.stages, key=lambda s: s.peak)
 
     @property
-    def headroom(self) -> int:
+    def training_headroom(self) -> int:
         """Training budget minus the worst stage's peak (negative: over by that much)."""
         return self.training_budget - self.peak_stage.peak
+
+    @property
+    def headroom(self) -> int:
+        """The smaller of the training and the rollout headroom (negative: over by that much)."""
+        return min(self.training_headroom, self.rollout_headroom)
 
     @property
     def fits(self) -> bool:
@@ -204,7 +235,8 @@ def stage_memory(shape: ModelShape, layout: Layout, workload: Workload, stage: i
     if stage == 0 and layout.train_vision_tower:
         vision = vision_activation_bytes(image_patches(v, workload.max_pixels), in_flight * b,
                                          v.hidden_size, v.num_heads, v.ffn_hidden_size, v.depth,
-                                         v.full_attention_blocks, v.window_patches, v.patch_input, element)
+                                         v.full_attention_blocks, v.window_patches, v.patch_input, element,
+                                         attention=layout.vision_attention, recompute=layout.vision_recompute)
     update_logits = scoring = unchunked = 0
     if stage == pp - 1:
         vocab_shard = padded_vocab_size(t.vocab_size, layout.make_vocab_size_divisible_by, tp) // tp
@@ -231,15 +263,26 @@ def estimate(shape: ModelShape, layout: Layout, workload: Workload, gpu_memory_g
                       gpu_memory_utilization=gpu_memory_utilization, reserve=int(reserve_gib * GIB), stages=stages,
                       rollout=rollout, micro_batches_per_update=micro_batches)
     worst = plan.peak_stage
-    if plan.headroom < 0:
+    if plan.training_headroom < 0:
         terms = {"weights": worst.weights, "gradients": worst.grads, "optimizer state": worst.optimizer,
                  "activations": worst.activations + worst.vision_activations,
                  "logits": max(worst.update_logits, worst.scoring_logits)}
         largest = ", ".join(f"{k} {_gib(val)}" for k, val in sorted(terms.items(), key=lambda kv: -kv[1]) if val)
+        budget = (f"{gpu_memory_gib:g} GiB with the engine asleep" if layout.sleep_mode else
+                  f"(1 - gpu_memory_utilization {gpu_memory_utilization:g}) x {gpu_memory_gib:g} GiB")
         plan.problems.append(
             f"training needs {_gib(worst.peak)} on stage {worst.stage} but only {_gib(plan.training_budget)} is "
-            f"left ((1 - gpu_memory_utilization {gpu_memory_utilization:g}) x {gpu_memory_gib:g} GiB - "
-            f"{reserve_gib:g} GiB reserve): {_gib(-plan.headroom)} over; its terms: {largest}")
+            f"left ({budget} - {reserve_gib:g} GiB reserve): {_gib(-plan.training_headroom)} over; its terms: "
+            f"{largest}")
+    if layout.sleep_mode and plan.rollout_headroom < 0:
+        kept = max(plan.kept_during_rollout(s) for s in stages)
+        plan.problems.append(
+            f"while the engine generates, its share {_gib(rollout.budget)} (gpu_memory_utilization "
+            f"{gpu_memory_utilization:g}) and the training state kept on the GPU {_gib(kept)} exceed "
+            f"{gpu_memory_gib:g} GiB - {reserve_gib:g} GiB reserve by {_gib(-plan.rollout_headroom)}: "
+            + ("give vLLM a smaller share" if layout.offload_during_rollout else
+               "offload the training state during rollouts (trainer.offload_during_rollout) or give vLLM a smaller "
+               "share"))
     if rollout.waves is None:
         need = rollout.weights + rollout.one_sequence
         plan.problems.append(

@@ -42,6 +42,10 @@ class Options:
     train_vision_tower: bool = True
     rollout_tp: Optional[int] = None
     make_vocab_size_divisible_by: int = 128
+    vision_attention: str = "auto"
+    vision_recompute: bool = False
+    sleep_mode: bool = True
+    offload_during_rollout: bool = False
 
 
 @dataclass
@@ -84,7 +88,9 @@ def plan_layout(shape: ModelShape, workload: Workload, options: Options, tp: int
                   sequence_parallel=sp, recompute=options.recompute,
                   distributed_optimizer=options.distributed_optimizer, dtype=options.dtype,
                   train_vision_tower=options.train_vision_tower,
-                  make_vocab_size_divisible_by=options.make_vocab_size_divisible_by)
+                  make_vocab_size_divisible_by=options.make_vocab_size_divisible_by,
+                  vision_attention=options.vision_attention, vision_recompute=options.vision_recompute,
+                  sleep_mode=options.sleep_mode, offload_during_rollout=options.offload_during_rollout)
     mem = dict(gpu_memory_gib=options.gpu_memory_gib, gpu_memory_utilization=options.gpu_memory_utilization,
                reserve_gib=options.reserve_gib)
     if options.rollout_tp is not None:
@@ -175,9 +181,21 @@ def suggestions(shape: ModelShape, plan: MemoryPlan, options: Options) -> List[s
     if not lay.distributed_optimizer:
         tried("without --no-distributed-optimizer (parallel.use_distributed_optimizer=true)",
               replace(options, distributed_optimizer=True))
+    if lay.train_vision_tower and lay.vision_attention == "eager":
+        tried("--vision-attention auto (model.vision_attention: no [patches, patches] attention scores kept)",
+              replace(options, vision_attention="auto"))
+    if lay.train_vision_tower and not lay.vision_recompute:
+        tried("--vision-recompute (model.vision_recompute: each vision block keeps only its input)",
+              replace(options, vision_recompute=True))
     if lay.train_vision_tower:
         tried("--freeze-vision-tower (model.train_vision_tower=false: no vision gradients, optimizer state or "
               "activations)", replace(options, train_vision_tower=False))
+    if not lay.sleep_mode:
+        tried("without --no-sleep-mode (rollout.sleep_mode: the engine frees its share while training runs)",
+              replace(options, sleep_mode=True))
+    elif not lay.offload_during_rollout:
+        tried("--offload-during-rollout (trainer.offload_during_rollout: the training state waits in host memory "
+              "while the engine generates)", replace(options, offload_during_rollout=True))
     pixels = w.max_pixels // 2
     while pixels >= 28 * 28 * 16:
         p = plan_layout(shape, replace(w, max_pixels=pixels), options, lay.tp, lay.pp)
@@ -187,7 +205,8 @@ def suggestions(shape: ModelShape, plan: MemoryPlan, options: Options) -> List[s
             break
         pixels //= 2
     rollout = plan.rollout
-    worst = plan.peak_stage.peak
+    # the largest share vLLM may take: next to training's peak, or with sleep mode next to what training keeps
+    worst = (max(plan.kept_during_rollout(s) for s in plan.stages) if lay.sleep_mode else plan.peak_stage.peak)
     u_max = 1 - (worst + plan.reserve) / plan.gpu_memory
     u_min = (rollout.weights + rollout.one_sequence) / plan.gpu_memory
     if u_min <= u_max and not u_min <= options.gpu_memory_utilization <= u_max:
@@ -209,8 +228,9 @@ def suggestions(shape: ModelShape, plan: MemoryPlan, options: Options) -> List[s
 
 
 def combined_suggestion(shape: ModelShape, plan: MemoryPlan, options: Options, max_steps: int = 12) -> Optional[str]:
-    """Greedy: apply, one at a time, whichever change gains the most headroom (full recompute, the distributed
-    optimizer, half the image pixels, twice the GPUs up to 16x, 0.05 less vLLM share while vLLM can still start)
+    """Greedy: apply, one at a time, whichever change gains the most headroom (full recompute, vision recompute, the
+    distributed optimizer, half the image pixels, twice the GPUs up to 16x, 0.05 less vLLM share while vLLM can
+    still start)
     until the layout fits; the flags that got it there, or None."""
     lay, opts, w, current = plan.layout, options, plan.workload, plan
     flags: dict = {}
@@ -218,6 +238,10 @@ def combined_suggestion(shape: ModelShape, plan: MemoryPlan, options: Options, m
         candidates = []
         if opts.recompute != "full":
             candidates.append(("--recompute", "full", replace(opts, recompute="full"), w))
+        if opts.train_vision_tower and not opts.vision_recompute:
+            candidates.append(("--vision-recompute", "", replace(opts, vision_recompute=True), w))
+        if opts.sleep_mode and not opts.offload_during_rollout:
+            candidates.append(("--offload-during-rollout", "", replace(opts, offload_during_rollout=True), w))
         if not opts.distributed_optimizer:
             candidates.append(("(without --no-distributed-optimizer)", "", replace(opts, distributed_optimizer=True),
                                w))

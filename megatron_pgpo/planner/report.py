@@ -33,6 +33,7 @@ def plan_to_dict(plan: MemoryPlan) -> Dict[str, Any]:
         "layout": asdict(plan.layout), "workload": asdict(plan.workload), "gpus": plan.layout.gpus,
         "gpu_memory_bytes": plan.gpu_memory, "gpu_memory_utilization": plan.gpu_memory_utilization,
         "reserve_bytes": plan.reserve, "training_budget_bytes": plan.training_budget,
+        "rollout_headroom_bytes": plan.rollout_headroom,
         "micro_batches_per_update": plan.micro_batches_per_update, "stages": stages,
         "peak_stage": plan.peak_stage.stage, "peak_bytes": plan.peak_stage.peak, "headroom_bytes": plan.headroom,
         "rollout": {**asdict(r), "one_sequence_kv": r.one_sequence, "waves": r.waves},
@@ -82,8 +83,19 @@ def _stage_table(plan: MemoryPlan, title: str):
     table.add_row(f"  vLLM weights (rollout TP={plan.layout.rollout_tp})", *([_gib(r.weights)] * len(plan.stages)))
     table.add_row(f"  KV cache pool ({r.kv_bytes_per_token:,} B/token/GPU)", *([_gib(r.kv_pool)] * len(plan.stages)))
     table.add_row("  KV for the whole rollout step / waves", *([f"{_gib(r.kv_needed)} / {waves}"] * len(plan.stages)))
-    table.add_row("training budget (rest - reserve)", *([_gib(plan.training_budget)] * len(plan.stages)))
-    table.add_row("headroom", *(_gib(plan.training_budget - s.peak) for s in plan.stages), style="bold")
+    if plan.layout.sleep_mode:
+        table.add_row("training budget (GPU - reserve; vLLM asleep)",
+                      *([_gib(plan.training_budget)] * len(plan.stages)))
+        table.add_row("headroom while training", *(_gib(plan.training_budget - s.peak) for s in plan.stages),
+                      style="bold")
+        kept = [plan.kept_during_rollout(s) for s in plan.stages]
+        label = "offloaded" if plan.layout.offload_during_rollout else "weights + grads + optimizer"
+        table.add_row(f"kept while vLLM generates ({label})", *(_gib(k) for k in kept))
+        free = plan.gpu_memory - plan.reserve - r.budget
+        table.add_row("headroom while vLLM generates", *(_gib(free - k) for k in kept), style="bold")
+    else:
+        table.add_row("training budget (rest - reserve)", *([_gib(plan.training_budget)] * len(plan.stages)))
+        table.add_row("headroom", *(_gib(plan.training_budget - s.peak) for s in plan.stages), style="bold")
     return table
 
 
@@ -116,7 +128,9 @@ def print_report(rec: Recommendation, shape: ModelShape, model_name: str, consol
                   f"multiple of {lay.make_vocab_size_divisible_by} x TP)")
     console.print(f"workload: prompt {w.prompt_length} + response {w.response_length} tokens, rollout batch "
                   f"{w.rollout_batch_size} x n={w.n}, images up to {w.max_pixels:,} pixels, {lay.dtype}, "
-                  f"recompute={lay.recompute}, distributed optimizer={lay.distributed_optimizer}, scoring pass: "
+                  f"recompute={lay.recompute}, distributed optimizer={lay.distributed_optimizer}, vision attention="
+                  f"{lay.vision_attention}{' + recompute' if lay.vision_recompute else ''}, vLLM sleeps during "
+                  f"training={lay.sleep_mode}, offload during rollouts={lay.offload_during_rollout}, scoring pass: "
                   + ("image + text-only rows" if w.text_only_pass else "image rows only"))
     if len(rec.plans) > 1:
         console.print(_layouts_table(rec.plans, rec.best))

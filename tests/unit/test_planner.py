@@ -139,30 +139,41 @@ def test_qwen_layer_activations_by_hand():
     assert layer_activation_bytes(s, b, h, a, g, f, 2, False, "full") == 2 * s * b * h
 
 
-@pytest.mark.parametrize("images", [1, 2])
-def test_vision_activations_equal_what_the_tower_saves(images):
-    """The tiny preset's vision tower (transformers, eager attention, bf16, training mode) on 16 x 16-patch images:
-    every tensor autograd saves for backward, counted once per storage, parameters excluded."""
-    import torch
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+@pytest.mark.parametrize("images, side, attention, recompute", [
+    (1, 16, "eager", False), (2, 16, "eager", False), (1, 24, "sdpa", False), (2, 16, "sdpa", False),
+    (1, 16, "eager", True), (2, 24, "sdpa", True)])
+def test_vision_activations_equal_what_the_tower_saves(images, side, attention, recompute):
+    """The tiny preset's vision tower as the model builds it (transformers, bf16, training mode) on side x side-patch
+    images, eager or SDPA attention, with and without recompute: every tensor autograd saves for backward, counted
+    once per storage, parameters excluded."""
+    from types import SimpleNamespace
 
+    import torch
+
+    from megatron_pgpo.models.qwen2_5_vl.model import Qwen2_5_VLMegatronModel
     from megatron_pgpo.models.qwen2_5_vl.tiny import tiny_hf_config
-    from megatron_pgpo.planner.activations import saved_activation_bytes, vision_activation_bytes
+    from megatron_pgpo.planner.activations import saved_activation_bytes, vision_activation_bytes, vision_block_bytes
     from megatron_pgpo.planner.model_size import VisionDims
 
     config = tiny_hf_config("tiny")
-    vision = config.vision_config
-    vision._attn_implementation = "eager"
     torch.manual_seed(0)
-    tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision, dtype=torch.bfloat16).train()
+    owner = SimpleNamespace(hf_config=config, config=SimpleNamespace(params_dtype=torch.bfloat16))
+    tower = Qwen2_5_VLMegatronModel._build_vision_tower(owner, None, attention, recompute).train()
     v = VisionDims.from_hf(config)
-    patches = 16 * 16
+    patches = side * side
     pixels = torch.randn(images * patches, v.patch_input, dtype=torch.bfloat16)
-    grid = torch.tensor([[1, 16, 16]] * images)
+    grid = torch.tensor([[1, side, side]] * images)
     measured = saved_activation_bytes(lambda: tower(pixels, grid_thw=grid), exclude=tower.parameters())
     index_tensors = 2 * (patches // 4) * images * 8  # two int64 window-order indices per merged token
     predicted = vision_activation_bytes(patches, images, v.hidden_size, v.num_heads, v.ffn_hidden_size, v.depth,
-                                        v.full_attention_blocks, v.window_patches, v.patch_input)
+                                        v.full_attention_blocks, v.window_patches, v.patch_input,
+                                        attention=attention, recompute=recompute)
+    if recompute:
+        # Non-reentrant checkpointing keeps each block's input itself (autograd's saved-tensor hooks never see it)
+        # and rebuilds one block during the backward pass: both are in the formula, neither in the measurement.
+        hidden = 2 * v.hidden_size * v.depth
+        rebuilt = vision_block_bytes(patches, v.hidden_size, v.num_heads, v.ffn_hidden_size, 2, attention)
+        predicted -= images * patches * (hidden + rebuilt)
     assert measured == predicted + index_tensors
 
 
@@ -184,6 +195,8 @@ def test_memory_plan_by_hand(shapes):
     """72B, TP=8 PP=8 DP=4, bf16, distributed optimizer: the middle stages' state is 2 + 4 bytes per element plus
     12 bytes per element over DP (10 layers x 109,724,928 = 1,097,249,280 elements: every tensor a multiple of 64,
     the bucket a multiple of lcm(4, 128)); vLLM at rollout TP=8: 2 x 80 x 1 x 128 x 2 B = 40,960 B per token."""
+    from dataclasses import replace
+
     from megatron_pgpo.planner.memory import Layout, Workload, estimate
 
     layout = Layout(tp=8, pp=8, dp=4, rollout_tp=8, sequence_parallel=True, recompute="full")
@@ -196,7 +209,15 @@ def test_memory_plan_by_hand(shapes):
     assert plan.rollout.kv_bytes_per_token == 40_960
     assert plan.rollout.kv_needed == 96 * 5 * 6144 * 40_960  # 384 prompts / 4 engines x 5 samples
     assert plan.rollout.weights == -(-hf_parameter_count(shapes["72b"]) * 2 // 8)
-    assert plan.training_budget == 38 * GIB
+    # vLLM sleeps during training (the default): training has the GPU minus the reserve; while vLLM generates,
+    # its share and the training state kept on the GPU must fit together; offloaded, nothing of training stays
+    assert plan.training_budget == 78 * GIB
+    assert plan.rollout_headroom == 78 * GIB - 40 * GIB - max(s.state for s in plan.stages)
+    assert plan.headroom == min(plan.training_headroom, plan.rollout_headroom)
+    offloaded = estimate(shapes["72b"], replace(layout, offload_during_rollout=True), work, gpu_memory_gib=80)
+    assert offloaded.rollout_headroom == 38 * GIB and offloaded.training_budget == 78 * GIB
+    awake = estimate(shapes["72b"], replace(layout, sleep_mode=False), work, gpu_memory_gib=80)
+    assert awake.training_budget == 38 * GIB and awake.headroom == awake.training_headroom
     assert plan.micro_batches_per_update == 160
     h = 8192
     per_layer_input = 6144 * h * 2 // 8  # full recompute keeps each layer's SP-sharded input
@@ -246,7 +267,8 @@ def test_recommender_prefers_the_smallest_model_parallel_layout_that_fits(shapes
 def test_a_plan_that_cannot_fit_says_why(shapes):
     from megatron_pgpo.planner.recommend import Options, plan_layout, recommend
 
-    options = _options(gpus=32, gpu_memory_gib=80, recompute="full")
+    # vLLM resident during training (no sleep mode): no single change makes it fit, so a combined one is proposed
+    options = _options(gpus=32, gpu_memory_gib=80, recompute="full", sleep_mode=False)
     rec = recommend(shapes["72b"], _workload(), options, tp=8, pp=4)
     assert rec.best is None and rec.closest is not None
     closest = rec.closest
@@ -259,12 +281,21 @@ def test_a_plan_that_cannot_fit_says_why(shapes):
     assert "activations" in message and "optimizer state" in message
     # the combined suggestion was re-estimated: applying its flags really fits
     assert rec.suggestions and rec.suggestions[-1].startswith("together: ")
-    flags = rec.suggestions[-1].split(": ")[1].split()
-    values = dict(zip(flags[::2], flags[1::2]))
+    tokens = rec.suggestions[-1].split(": ")[1].split()
+    values = {}
+    for i, token in enumerate(tokens):  # "--flag value" or a switch "--flag"
+        if token.startswith("--"):
+            values[token] = tokens[i + 1] if i + 1 < len(tokens) and not tokens[i + 1].startswith("--") else True
     work = _workload(micro_batch_size=1, max_pixels=int(values.get("--max-pixels", 1003520)))
     opts = Options(**{**options.__dict__, "gpus": int(values.get("--gpus", 32)),
-                      "gpu_memory_utilization": float(values.get("--gpu-memory-utilization", 0.5))})
+                      "gpu_memory_utilization": float(values.get("--gpu-memory-utilization", 0.5)),
+                      "vision_recompute": "--vision-recompute" in values,
+                      "offload_during_rollout": "--offload-during-rollout" in values})
     assert plan_layout(shapes["72b"], work, opts, 8, 4).fits
+
+    # with vLLM's sleep mode (the default) the same run needs one change only
+    rec = recommend(shapes["72b"], _workload(), _options(gpus=32, gpu_memory_gib=80, recompute="full"), tp=8, pp=4)
+    assert rec.best is None and rec.suggestions and not rec.suggestions[-1].startswith("together: ")
 
     # vLLM alone cannot start: 72B weights at rollout TP=1 are 137 GiB
     rec = recommend(shapes["72b"], _workload(), _options(gpus=8, rollout_tp=1, recompute="full"), tp=8, pp=1)
@@ -293,9 +324,16 @@ def test_cli_reads_a_run_config_and_reports_a_misfit(capsys):
     doc = json.loads(capsys.readouterr().out)
     plan = doc["plans"][0]
     assert (plan["layout"]["tp"], plan["layout"]["pp"], plan["layout"]["recompute"]) == (8, 4, "full")
-    assert plan["workload"]["micro_batch_size"] == 2 and plan["workload"]["n"] == 5
-    assert code == 1 and doc["fits"] is False and doc["notes"] and doc["closest"]["problems"]
+    assert plan["layout"]["vision_recompute"] and plan["layout"]["offload_during_rollout"]  # from the config
+    assert plan["layout"]["sleep_mode"] and plan["gpu_memory_utilization"] == 0.8
+    assert plan["workload"]["micro_batch_size"] >= 2 and plan["workload"]["n"] == 5  # from 2, raised while it fits
     assert plan["workload"]["text_only_pass"] is True  # PGPO
+    assert code == 0 and doc["fits"] is True
+    # the same run with vLLM resident during training (its 0.8 share leaves training 14 GiB): a misfit, explained
+    code = main(["plan", "--model", "72b", "--config", config, "--gpus", "32", "--no-sleep-mode", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 1 and doc["fits"] is False and doc["notes"] and doc["closest"]["problems"]
+    assert "gpu_memory_utilization 0.8" in doc["closest"]["problems"][0]
 
 
 def test_cli_grpo_config_has_no_text_only_rows(capsys, tmp_path):
