@@ -23,7 +23,12 @@ class ModelConfig(Section):
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     """Megatron layer spec: `local` (torch layers, runs on CPU) or `transformer_engine` (TE layers, GPU only)."""
     fp8: Optional[Literal["e4m3", "hybrid"]] = None
-    """FP8 recipe for Transformer Engine linear layers; needs transformer_impl=transformer_engine and dtype=bf16."""
+    """FP8 format for Transformer Engine linear layers; needs transformer_impl=transformer_engine and dtype=bf16.
+    Sequences are then padded to multiples of 16 (16 x TP with sequence parallelism) for TE's FP8 GEMMs."""
+    fp8_recipe: Literal["blockwise", "tensorwise", "delayed", "mxfp8"] = "blockwise"
+    """FP8 scaling recipe (Transformer Engine 2.x): blockwise (DeepSeek-style sub-channel scaling, what NeMo-RL
+    recommends for RL on Hopper), tensorwise (current per-tensor scaling), delayed (amax history), mxfp8
+    (Blackwell)."""
     train_vision_tower: bool = True
     """Update the vision tower and merger too (the paper does); False freezes them."""
     vision_attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"

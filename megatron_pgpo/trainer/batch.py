@@ -103,6 +103,15 @@ def collate(samples: Sequence[Sample], indices: Sequence[int], image_token_id: i
                       prompt_keys=[(s.group, tuple(s.prompt_ids)) for s in chosen])
 
 
+def sequence_multiple(tp: int, sequence_parallel: bool, fp8: bool) -> int:
+    """What every micro-batch's sequence width must be a multiple of: TP under sequence parallelism (each rank
+    holds ``S / TP`` tokens); with FP8, 16 tokens per rank for Transformer Engine's FP8 GEMMs (whose token dimension
+    must divide by 16; verl pads the same way, ``verl/models/mcore/util.py``), so 16 x TP with sequence parallelism,
+    16 without (then ``S x B`` divides by 16 for any batch)."""
+    multiple = tp if sequence_parallel else 1
+    return multiple * 16 if fp8 else multiple
+
+
 def length_bucketed_micro_batches(samples: Sequence[Sample], micro_batch_size: int) -> List[List[int]]:
     """Split sample indices into micro-batches of similar length (sorted by length, longest first), so padding
     stays small; every index appears exactly once. Deterministic for a given input."""

@@ -30,7 +30,8 @@ from ..algorithms import ADVANTAGE_SHAPERS, group_normalized_advantages
 from ..algorithms.dapo import overlong_soft_penalty
 from ..config import Config, to_dict
 from ..parallel import collectives
-from .batch import Sample, collate, length_bucketed_micro_batches, prompt_grouped_micro_batches
+from .batch import (Sample, collate, length_bucketed_micro_batches, prompt_grouped_micro_batches,
+                    sequence_multiple)
 from .diagnostics import log_samples, plumbing_checks, response_mask
 from .offload import offloaded
 from .prompts import PromptStream, split_round_robin
@@ -71,7 +72,8 @@ class Trainer:
         model = build_model(hf_path, tp=self.tp, pp=self.pp, dtype=cfg.model.dtype,
                             transformer_impl=cfg.model.transformer_impl, sequence_parallel=cfg.parallel.sequence_parallel,
                             make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
-                            recompute=cfg.model.recompute, fp8=cfg.model.fp8, init_weights=False, device=self.device,
+                            recompute=cfg.model.recompute, fp8=cfg.model.fp8, fp8_recipe=cfg.model.fp8_recipe,
+                            init_weights=False, device=self.device,
                             vision_attention=cfg.model.vision_attention, vision_recompute=cfg.model.vision_recompute)
         load_hf_into_model(model, hf_path, ps.get_tensor_model_parallel_rank(), self.tp,
                            ps.get_pipeline_model_parallel_rank(), self.pp, cfg.model.transformer_impl)
@@ -100,7 +102,7 @@ class Trainer:
         policy packs shared prompts, else length-bucketed."""
         mine = split_round_robin(indices, self.dp, self.dp_rank)
         local = [samples[i] for i in mine]
-        multiple = self.tp if self.cfg.parallel.sequence_parallel else 1
+        multiple = sequence_multiple(self.tp, self.cfg.parallel.sequence_parallel, self.cfg.model.fp8 is not None)
         split = prompt_grouped_micro_batches if self.policy.share_prompts else length_bucketed_micro_batches
         return [collate(samples, [mine[j] for j in part], self.image_token_id, self.merge, pad_to_multiple_of=multiple)
                 for part in split(local, self.cfg.trainer.micro_batch_size)]

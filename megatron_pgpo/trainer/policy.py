@@ -28,7 +28,7 @@ import torch
 from ..algorithms import POLICY_LOSSES
 from ..algorithms.visual_dependency import k3_divergence
 from ..parallel.vocab_parallel import vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_logprobs
-from .batch import ModelBatch, predicting_positions, scatter_to_mask, to_device
+from .batch import ModelBatch, predicting_positions, scatter_to_mask, sequence_multiple, to_device
 from .packing import images_of, pack_shared_prompts, shared_prompt_mask, sharing_supported, stack_packed
 
 
@@ -193,7 +193,8 @@ class MegatronPolicy:
         self.dp_group = ps.get_data_parallel_group()
         self.is_last_stage = ps.is_pipeline_last_stage()
         self.share_prompts = cfg.trainer.share_prompts and sharing_supported(cfg.model.transformer_impl)
-        self.width_multiple = ps.get_tensor_model_parallel_world_size() if self.tf_config.sequence_parallel else 1
+        self.width_multiple = sequence_multiple(ps.get_tensor_model_parallel_world_size(),
+                                                self.tf_config.sequence_parallel, bool(self.tf_config.fp8))
         self.device = next(model.parameters()).device
 
     @property

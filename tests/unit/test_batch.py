@@ -43,3 +43,26 @@ def test_micro_batches_cover_every_sample_once_and_bucket_by_length():
     parts = length_bucketed_micro_batches(samples, 2)
     assert sorted(i for p in parts for i in p) == list(range(5))
     assert parts[0] == [1, 3] and [len(p) for p in parts] == [2, 2, 1]
+
+
+def test_sequence_multiple_for_sequence_parallelism_and_fp8():
+    from megatron_pgpo.trainer.batch import sequence_multiple
+
+    assert sequence_multiple(1, False, False) == 1
+    assert sequence_multiple(4, False, False) == 1  # TP without SP: each rank sees the whole sequence
+    assert sequence_multiple(4, True, False) == 4   # SP: S / TP tokens per rank
+    assert sequence_multiple(4, False, True) == 16  # FP8: S x B divides by 16 for any micro-batch size
+    assert sequence_multiple(8, True, True) == 128  # FP8 + SP: 16 tokens per rank
+    for tp, sp in ((2, True), (8, True), (1, False)):
+        m = sequence_multiple(tp, sp, True)
+        assert (m // (tp if sp else 1)) % 16 == 0  # every rank's share of the sequence divides by 16
+
+
+def test_collate_pads_to_the_fp8_multiple():
+    from megatron_pgpo.trainer.batch import Sample, collate, sequence_multiple
+
+    samples = [Sample(prompt_ids=[5, 6, 7], response_ids=[8] * n) for n in (3, 20)]
+    mb = collate(samples, [0, 1], image_token_id=999, spatial_merge_size=2,
+                 pad_to_multiple_of=sequence_multiple(2, True, True))
+    assert mb.input_ids.shape[1] == 32 and mb.response_mask.sum() == 23  # 23 tokens -> 32 (16 x TP=2)
+    assert mb.text_only.input_ids.shape[1] <= 32

@@ -115,6 +115,7 @@ def to_transformer_config(
     sequence_parallel: bool = False,
     recompute: str = "none",
     fp8: Optional[str] = None,
+    fp8_recipe: str = "blockwise",
     init_weights: bool = True,
     **overrides: Any,
 ):
@@ -173,6 +174,6 @@ def to_transformer_config(
     elif recompute == "full":
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     if fp8 is not None:
-        kwargs.update(fp8=fp8, fp8_recipe="delayed")
+        kwargs.update(fp8=fp8, fp8_recipe=fp8_recipe)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
