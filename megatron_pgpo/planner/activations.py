@@ -72,7 +72,8 @@ def saved_activation_bytes(run: Callable[[], Any], exclude: Iterable[Any] = ()) 
 
 def layer_activation_bytes(seq: int, micro_batch: int, hidden: int, heads: int, kv_heads: int, ffn: int,
                            tp: int = 1, sequence_parallel: bool = False, recompute: str = "none",
-                           element_bytes: int = 2, norm_bytes: Optional[float] = None) -> float:
+                           element_bytes: int = 2, norm_bytes: Optional[float] = None,
+                           fused_swiglu: bool = False) -> float:
     """Bytes one Megatron decoder layer saves for its backward pass, for one micro-batch (module docstring).
 
     Args:
@@ -84,6 +85,8 @@ def layer_activation_bytes(seq: int, micro_batch: int, hidden: int, heads: int, 
         element_bytes: bytes per activation element (2 for bf16/fp16, 4 for fp32).
         norm_bytes: bytes one RMSNorm saves per token; default ``E h + 4`` (a fused norm: TE or Apex). Torch's
             fallback norm (CPU, no Apex) saves two fp32 copies: ``8 h + 4``.
+        fused_swiglu: Megatron's fused SwiGLU (``bias_activation_fusion``, on with CUDA) keeps the fc1 output
+            alone (``2 E f``, plus the fc2 input ``E f``) instead of the unfused ``5 E f`` (measured).
     """
     _check_recompute(recompute)
     s, b, h, a, g, f, e = seq, micro_batch, hidden, heads, kv_heads, ffn, element_bytes
@@ -99,7 +102,8 @@ def layer_activation_bytes(seq: int, micro_batch: int, hidden: int, heads: int, 
     else:
         attention = 3 * e * h + (4 + e) * a * s  # Q, K, V expanded to every head; fp32 softmax + its bf16 copy
         mask = s * s  # one [s, s] bool causal mask per layer
-    tp_region = attention + e * h + 5 * e * f  # + the projection input + SwiGLU
+    swiglu = (3 if fused_swiglu else 5) * e * f
+    tp_region = attention + e * h + swiglu  # + the projection input + SwiGLU
     rotary = 4 * e * d
     return s * b * (sp_region / sp_split + tp_region / tp + rotary) + mask
 
@@ -157,10 +161,11 @@ def vision_activation_bytes(patches: int, images: int, hidden: int, heads: int, 
 
 
 def full_recompute_working_bytes(seq: int, micro_batch: int, hidden: int, heads: int, kv_heads: int, ffn: int,
-                                 tp: int = 1, sequence_parallel: bool = False, element_bytes: int = 2) -> float:
+                                 tp: int = 1, sequence_parallel: bool = False, element_bytes: int = 2,
+                                 fused_swiglu: bool = False) -> float:
     """The extra memory of full recompute: one layer's activations, rebuilt during its backward pass."""
     return layer_activation_bytes(seq, micro_batch, hidden, heads, kv_heads, ffn, tp, sequence_parallel, "none",
-                                  element_bytes)
+                                  element_bytes, fused_swiglu=fused_swiglu)
 
 
 def in_flight_micro_batches(pp: int, stage: int, micro_batches: int) -> int:

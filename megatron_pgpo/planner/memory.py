@@ -73,6 +73,7 @@ class Layout:
     make_vocab_size_divisible_by: int = 128
     vision_attention: str = "auto"  # model.vision_attention: eager keeps [patches, patches] scores, the rest do not
     vision_recompute: bool = False  # model.vision_recompute
+    fused_kernels: bool = True  # on CUDA the trainer fuses SwiGLU (models/qwen2_5_vl/hf_config.fused_kernels)
     sleep_mode: bool = True  # rollout.sleep_mode: the engine frees its share while training runs
     offload_during_rollout: bool = False  # trainer.offload_during_rollout: training state in host memory meanwhile
 
@@ -223,14 +224,15 @@ def stage_memory(shape: ModelShape, layout: Layout, workload: Workload, stage: i
     layer_args = dict(seq=s, micro_batch=b, hidden=t.hidden_size, heads=t.num_heads, kv_heads=t.num_kv_heads,
                       ffn=t.ffn_hidden_size, tp=tp, sequence_parallel=sp, element_bytes=element)
     in_flight = in_flight_micro_batches(pp, stage, micro_batches)
-    per_micro_batch = layers_per_stage(t, pp) * layer_activation_bytes(recompute=layout.recompute, **layer_args)
+    per_micro_batch = layers_per_stage(t, pp) * layer_activation_bytes(recompute=layout.recompute,
+                                                                       fused_swiglu=layout.fused_kernels, **layer_args)
     if stage < pp - 1:  # the output kept for the next stage until the backward pass
         per_micro_batch += s * b * t.hidden_size * element / (tp if sp else 1)
     per_micro_batch += decoder_block_extra_bytes(s, b, t.hidden_size, t.num_heads, tp, sp, layout.recompute,
                                                  final_norm=stage == pp - 1, element_bytes=element)
     activations = in_flight * per_micro_batch
     if layout.recompute == "full":
-        activations += full_recompute_working_bytes(**layer_args)
+        activations += full_recompute_working_bytes(fused_swiglu=layout.fused_kernels, **layer_args)
     vision = 0.0
     if stage == 0 and layout.train_vision_tower:
         vision = vision_activation_bytes(image_patches(v, workload.max_pixels), in_flight * b,

@@ -151,6 +151,44 @@ def _decoder_saved_bytes(config_dir, seq, batch):
     return out
 
 
+def _fused_swiglu_saved_bytes(config_dir, seq, batch):
+    """The decoder's saved bytes with Megatron's fused SwiGLU (``bias_activation_fusion``, what CUDA runs use), bf16,
+    no recompute. Megatron wraps the kernel in torch.compile; dynamo is off here so it runs eagerly on the CPU (what
+    autograd saves is the same: the autograd function keeps its input only)."""
+    import torch
+    import torch._dynamo
+
+    from megatron_pgpo.models.qwen2_5_vl.model import build_model
+    from megatron_pgpo.planner.activations import saved_activation_bytes
+
+    before, torch._dynamo.config.disable = torch._dynamo.config.disable, True
+    try:
+        model = build_model(config_dir, dtype="bf16", bias_activation_fusion=True).train()
+        lm = model.language_model
+        torch.manual_seed(0)
+        hidden = torch.randn(seq, batch, lm.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+        rotary = lm.rotary_pos_emb(torch.arange(seq)[None, None, :].expand(3, batch, seq), lm.mrope_section)
+        return saved_activation_bytes(lambda: lm.decoder(hidden, attention_mask=None, rotary_pos_emb=rotary),
+                                      exclude=model.parameters()), len(lm.decoder.layers)
+    finally:
+        torch._dynamo.config.disable = before
+
+
+def test_fused_swiglu_activation_bytes_equal_what_megatron_saves(workers, config_dirs):
+    """The planner's fused-SwiGLU coefficient (3 E f per token instead of 5 E f) against the real fused kernel."""
+    from megatron_pgpo.models.qwen2_5_vl.hf_config import load_hf_config
+    from megatron_pgpo.planner.activations import decoder_block_extra_bytes, layer_activation_bytes
+
+    seq, batch = 128, 2
+    t = load_hf_config(config_dirs / "tiny").text_config
+    h = t.hidden_size
+    measured, layers = workers.run(_fused_swiglu_saved_bytes, str(config_dirs / "tiny"), seq, batch, tp=1)[0]
+    predicted = layers * layer_activation_bytes(seq, batch, h, t.num_attention_heads, t.num_key_value_heads,
+                                                t.intermediate_size, norm_bytes=8 * h + 4, fused_swiglu=True)
+    predicted += decoder_block_extra_bytes(seq, batch, h, t.num_attention_heads, final_norm=True, norm_bytes=8 * h + 4)
+    assert measured == predicted
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 def test_activation_bytes_equal_what_megatron_saves(workers, config_dirs, tp):
     """The decoder-layer formula of planner/activations.py against a real Megatron decoder (local spec, bf16) at

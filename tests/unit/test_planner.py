@@ -221,7 +221,7 @@ def test_memory_plan_by_hand(shapes):
     assert plan.micro_batches_per_update == 160
     h = 8192
     per_layer_input = 6144 * h * 2 // 8  # full recompute keeps each layer's SP-sharded input
-    working = layer_activation_bytes(6144, 1, h, 64, 8, 29568, 8, True, "none")
+    working = layer_activation_bytes(6144, 1, h, 64, 8, 29568, 8, True, "none", fused_swiglu=True)  # CUDA fuses
     sent = 6144 * h * 2 // 8
     rotary_frequencies = 6144 * 128 * 4  # kept once per stage by the checkpoints
     assert mid.activations == int((8 - 3) * (10 * per_layer_input + sent + rotary_frequencies) + working)

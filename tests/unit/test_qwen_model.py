@@ -168,3 +168,16 @@ def test_unsupported_model_type_is_a_clear_error(tmp_path, model_type):
 def test_missing_config_is_a_clear_error(tmp_path):
     with pytest.raises(ModelConfigError, match="no Hugging Face config"):
         load_hf_config(tmp_path)
+
+
+def test_fused_kernels_follow_the_device_and_what_is_installed():
+    from megatron_pgpo.models.qwen2_5_vl.hf_config import fused_kernels
+
+    none = lambda name: False  # noqa: E731
+    everything = lambda name: True  # noqa: E731
+    off = dict(bias_activation_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False)
+    assert fused_kernels(False, "local", everything) == off  # never on the CPU
+    assert fused_kernels(True, "local", none) == dict(off, bias_activation_fusion=True)  # torch-only SwiGLU fusion
+    assert fused_kernels(True, "transformer_engine", none)["gradient_accumulation_fusion"]  # TE fuses wgrad itself
+    assert fused_kernels(True, "local", everything) == dict(bias_activation_fusion=True, masked_softmax_fusion=True,
+                                                            gradient_accumulation_fusion=True)

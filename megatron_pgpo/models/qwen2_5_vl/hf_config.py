@@ -107,6 +107,40 @@ def validate_parallel_layout(dims: TextDims, tp: int, pp: int) -> None:
         raise ModelConfigError("cannot shard this model: " + "; ".join(problems))
 
 
+def fused_kernels(on_cuda: bool, transformer_impl: str = "local", available=None) -> Dict[str, bool]:
+    """Megatron's fusion flags for this run: off on the CPU; on CUDA each one whose implementation is present.
+
+    * ``bias_activation_fusion``: Megatron's fused SwiGLU (torch.jit / torch.compile only), which keeps the fc1
+      output alone for the backward pass instead of five width-f tensors.
+    * ``masked_softmax_fusion``: the local spec's attention softmax, with Megatron's / apex's compiled kernels
+      (``scaled_masked_softmax_cuda``, ``scaled_upper_triang_masked_softmax_cuda``).
+    * ``gradient_accumulation_fusion``: weight gradients accumulated straight into the fp32 main-grad buffer: TE's
+      linear layers do it themselves; the local spec needs apex's ``fused_weight_gradient_mlp_cuda``.
+    * ``apply_rope_fusion`` stays off: Megatron's fused rope does not take mRoPE in [S, B] batches larger than 1
+      (``rope_utils.py``). ``persist_layer_norm`` (apex's LayerNorm) does not apply to RMSNorm.
+
+    ``available(module_name) -> bool`` is injectable for tests (default: importlib's ``find_spec``).
+    """
+    if available is None:
+        import importlib.util
+
+        def available(name: str) -> bool:
+            try:
+                return importlib.util.find_spec(name) is not None
+            except (ImportError, ValueError):
+                return False
+
+    if not on_cuda:
+        return dict(bias_activation_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False)
+    return dict(
+        bias_activation_fusion=True,
+        masked_softmax_fusion=available("scaled_masked_softmax_cuda")
+        and available("scaled_upper_triang_masked_softmax_cuda"),
+        gradient_accumulation_fusion=transformer_impl == "transformer_engine"
+        or available("fused_weight_gradient_mlp_cuda"),
+    )
+
+
 def to_transformer_config(
     hf_config,
     tp: int = 1,

@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .hf_config import TextDims, load_hf_config, padded_vocab_size, to_transformer_config
+from .hf_config import TextDims, fused_kernels, load_hf_config, padded_vocab_size, to_transformer_config
 from .specs import get_block_spec
 
 
@@ -245,6 +245,7 @@ def build_model(hf_config, tp: int = 1, pp: int = 1, dtype: str = "fp32", transf
     created under that device, and the module is then moved there as a whole (``model_module.cuda(...)`` in
     ``get_model``: buffers such as rotary tables and any straggler). DDP wraps it afterwards (``MegatronPolicy``).
     None keeps the historical CPU build (``use_cpu_initialization=True``), which parity tests and converters use.
+    With a ``device`` Megatron's fused kernels are switched on where they apply (``fused_kernels``; CUDA only).
     ``vision_attention`` / ``vision_recompute``: see ``Qwen2_5_VLMegatronModel`` (``auto`` is resolved here).
     """
     from megatron.core import parallel_state
@@ -252,6 +253,8 @@ def build_model(hf_config, tp: int = 1, pp: int = 1, dtype: str = "fp32", transf
     hf_config = load_hf_config(hf_config)
     if device is not None:
         config_overrides.setdefault("use_cpu_initialization", False)
+        for flag, value in fused_kernels(torch.device(device).type == "cuda", transformer_impl).items():
+            config_overrides.setdefault(flag, value)
     config = to_transformer_config(hf_config, tp=tp, pp=pp, dtype=dtype, sequence_parallel=sequence_parallel,
                                    init_weights=init_weights, **config_overrides)
     if pre_process is None:
