@@ -284,9 +284,11 @@ def test_seeded_sampling_is_reproducible(setup):
 
 @pytest.mark.gpu
 def test_cuda_engine_sleep_wake_and_reload(tmp_path):
-    """CUDA vLLM only (not installable on the CPU machines nor on the GPU check machine, see docs/stack.md): sleep / wake
-    keeps the weights, and a full in-process update with the checkpoint's own tensors changes nothing."""
+    """CUDA vLLM only (not installable on the CPU machines nor on the GPU check machine, see docs/stack.md): level-2
+    sleep frees GPU memory, and waking the weights, re-sending them and waking the KV cache (the loop's order) gives
+    the same greedy tokens as before."""
     pytest.importorskip("vllm")
+    import torch
     from vllm.platforms import current_platform
 
     if not current_platform.is_cuda():
@@ -301,12 +303,16 @@ def test_cuda_engine_sleep_wake_and_reload(tmp_path):
                               kv_cache_memory_bytes=None, gpu_memory_utilization=0.2, enable_sleep_mode=True)
     with VLLMEngine(config) as engine:
         before = _greedy(engine)["tokens"]
-        engine.sleep()
-        engine.wake()
+        free_awake = torch.cuda.mem_get_info()[0]
+        engine.sleep()  # level 2: weights and KV cache dropped, the engine unusable until a complete update
+        assert not engine.usable and torch.cuda.mem_get_info()[0] > free_awake
+        engine.wake(["weights"])  # the trainer's order: weights, the update, then the KV cache
         with HFCheckpointReader(ckpt) as reader:
             named = [(n, reader.tensor(n).cuda()) for n in sorted(reader.names(), key=fused_group_key)]
         assert engine.update_weights(named) == 1
-        assert _greedy(engine)["tokens"] == before
+        assert not engine.usable  # the KV cache is still asleep
+        engine.wake(["kv_cache"])
+        assert engine.usable and _greedy(engine)["tokens"] == before
 
 
 def test_transformers_engine_matches_vllm(setup):
