@@ -171,16 +171,19 @@ class TransformersEngine(VersionedEngine):
         inputs = self.processor(text=[texts[i] for i, _ in rows], images=images or None, return_tensors="pt",
                                 padding=True, padding_side="left")
         attention = inputs["attention_mask"].bool()
+        prompts = [ids[keep].tolist() for ids, keep in zip(inputs["input_ids"], attention)]  # without the padding
+        width = inputs["input_ids"].shape[1]
         longest = int(attention.sum(dim=1).max())
         if longest >= self.config.max_model_len:
             raise ValueError(f"a prompt of {longest} tokens does not fit max_model_len={self.config.max_model_len}")
         from transformers import GenerationConfig, LogitsProcessorList
 
         greedy = sampling.temperature == 0
+        stop = set(self._eos) | set(sampling.stop_token_ids)
         config = GenerationConfig(
             max_new_tokens=min(sampling.max_tokens, self.config.max_model_len - longest), do_sample=not greedy,
             temperature=1.0 if greedy else sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
-            top_k=0 if greedy or sampling.top_k <= 0 else sampling.top_k, eos_token_id=self._eos,
+            top_k=0 if greedy or sampling.top_k <= 0 else sampling.top_k, eos_token_id=sorted(stop),
             pad_token_id=self._pad_id(), return_dict_in_generate=True)
         recorder = _RawLogprobs()
         device = torch.device(self.config.device)
@@ -189,10 +192,8 @@ class TransformersEngine(VersionedEngine):
                 torch.manual_seed(seed)
             out = self.model.generate(**inputs.to(device), generation_config=config,
                                       logits_processor=LogitsProcessorList([recorder]))
-        width = inputs["input_ids"].shape[1]
         new_tokens = out.sequences[:, width:].cpu()
         token_logprobs = recorder.finish(out.sequences, new_tokens.shape[1])  # [rows, steps]
-        stop = set(self._eos) | set(sampling.stop_token_ids)
         results = []
         for k, (i, j) in enumerate(rows):
             tokens, finish = [], "length"
@@ -202,9 +203,8 @@ class TransformersEngine(VersionedEngine):
                     finish = "stop"
                     break
             logprobs = token_logprobs[k, : len(tokens)].tolist()
-            prompt_ids = inputs["input_ids"][k][attention[k]].tolist()
             results.append(RolloutOutput(
-                request_index=i, sample_index=j, prompt_token_ids=prompt_ids, response_token_ids=tokens,
+                request_index=i, sample_index=j, prompt_token_ids=prompts[k], response_token_ids=tokens,
                 text=self.processor.tokenizer.decode(tokens, skip_special_tokens=True), logprobs=logprobs,
                 finish_reason=finish, weight_version=self._version))
         return results
