@@ -278,6 +278,7 @@ def _layer_child(args) -> dict:
     torch.cuda.synchronize()
     kept = torch.cuda.memory_allocated() - base - output.numel() * output.element_size()
     return {"measured": kept, "seq": seq, "batch": batch, "hidden": lm.config.hidden_size,
+            "fused_swiglu": bool(lm.config.bias_activation_fusion),
             "heads": lm.config.num_attention_heads, "kv_heads": lm.config.num_query_groups,
             "ffn": lm.config.ffn_hidden_size}
 
@@ -290,12 +291,14 @@ def check_layer(args) -> Tuple[str, str]:
     m = _child("layer", args, args.workdir / "layer.json", "--child-device", "cuda")
     h = m["hidden"]
     norm = 8 * h + 4  # without TE/Apex Megatron falls back to torch's RMSNorm, which keeps two fp32 copies
-    predicted = layer_activation_bytes(m["seq"], m["batch"], h, m["heads"], m["kv_heads"], m["ffn"], norm_bytes=norm)
+    predicted = layer_activation_bytes(m["seq"], m["batch"], h, m["heads"], m["kv_heads"], m["ffn"], norm_bytes=norm,
+                                       fused_swiglu=m["fused_swiglu"])
     # a middle stage (no embedding, no output layer, so no final norm); the layer's input was allocated before the
     # measurement began, so a saved reference to it is not counted (E h per token, ~1% of the layer): hence a band
     predicted += decoder_block_extra_bytes(m["seq"], m["batch"], h, m["heads"], final_norm=False, norm_bytes=norm)
     ratio = m["measured"] / predicted
-    detail = (f"3B decoder layer, s={m['seq']}, b={m['batch']}, bf16, local spec: measured {m['measured'] / 2**20:.1f} "
+    detail = (f"3B decoder layer, s={m['seq']}, b={m['batch']}, bf16, local spec, fused SwiGLU {m['fused_swiglu']}: "
+              f"measured {m['measured'] / 2**20:.1f} "
               f"MiB, planner {predicted / 2**20:.1f} MiB (measured / planner = {ratio:.3f})")
     return ("PASS" if 0.9 <= ratio <= 1.1 else "FAIL"), detail
 
