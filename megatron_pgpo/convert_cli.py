@@ -49,6 +49,11 @@ def add_hf_to_mcore_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tensor-parallel size you will train at: checked against the config before any weight "
                         "is read (the checkpoint itself loads at any TP/PP that divides the model)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size you will train at (checked likewise)")
+    parser.add_argument("--first-stage-layers", type=int, default=None,
+                        help="language layers on pipeline stage 0 of an uneven split you will train at (checked "
+                        "likewise; parallel.first_stage_layers)")
+    parser.add_argument("--last-stage-layers", type=int, default=None,
+                        help="language layers on the last pipeline stage (parallel.last_stage_layers)")
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                         help="Megatron's vocabulary padding unit (default 128; the padding adapts to TP at load)")
     parser.add_argument("--overwrite", action="store_true", help="replace MCORE_DIR if it exists")
@@ -73,6 +78,7 @@ def run_hf_to_mcore(args: argparse.Namespace) -> int:
     from .models.qwen2_5_vl.convert import from_hf
 
     out = from_hf(args.src, args.dst, dtype=args.dtype, tp=args.tp, pp=args.pp,
+                  first_stage_layers=args.first_stage_layers, last_stage_layers=args.last_stage_layers,
                   make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, overwrite=args.overwrite,
                   progress=not args.no_progress)
     print(f"wrote Megatron-Core checkpoint {out}")

@@ -58,7 +58,14 @@ class ParallelConfig(Section):
     tensor_model_parallel_size: int = 1
     """Tensor-parallel degree of the training model (must divide attention heads, KV groups and the MLP size)."""
     pipeline_model_parallel_size: int = 1
-    """Pipeline-parallel degree (must divide the number of language layers); the vision tower sits on stage 0."""
+    """Pipeline-parallel degree; the vision tower sits on stage 0. PP must divide the language layers unless
+    first_stage_layers / last_stage_layers set an uneven split."""
+    first_stage_layers: Optional[int] = None
+    """Language layers on the first pipeline stage (Megatron's num_layers_in_first_pipeline_stage; the other stages
+    share the rest evenly). Stage 0 also holds the vision tower and the embedding: fewer layers there even out the
+    stages' memory (`megatron-pgpo plan` proposes a split). None: an even split."""
+    last_stage_layers: Optional[int] = None
+    """Language layers on the last pipeline stage (it also holds the output layer and the logits). None: even."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (activations split along the sequence inside TP regions); needs TP > 1."""
     use_distributed_optimizer: bool = True
@@ -82,6 +89,12 @@ class ParallelConfig(Section):
             not self.sequence_parallel or self.tensor_model_parallel_size > 1,
             "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1",
         )
+        for name in ("first_stage_layers", "last_stage_layers"):
+            value = getattr(self, name)
+            if value is not None:
+                require_positive(f"parallel.{name}", value)
+                require(self.pipeline_model_parallel_size > 1,
+                        f"parallel.{name} needs parallel.pipeline_model_parallel_size > 1")
 
     @property
     def model_parallel_size(self) -> int:

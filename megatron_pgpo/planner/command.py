@@ -23,6 +23,7 @@ DEFAULTS: Dict[str, Any] = dict(
     recompute="selective", sequence_parallel=None, distributed_optimizer=True, train_vision_tower=True,
     gpu_memory_utilization=0.5, rollout_tp=None, tp=None, pp=None, make_vocab_size_divisible_by=128,
     vision_attention="auto", vision_recompute=False, sleep_mode=True, offload_during_rollout=False,
+    first_stage_layers=None, last_stage_layers=None,
 )
 
 
@@ -38,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, help="evaluate this tensor-parallel size (default: try every valid one)")
     p.add_argument("--pp", type=int, help="evaluate this pipeline-parallel size (default: try every valid one)")
     p.add_argument("--rollout-tp", type=int, help="vLLM tensor-parallel size (default: smallest that fits)")
+    p.add_argument("--first-stage-layers", type=int, help="language layers on pipeline stage 0 (default: the planner "
+                   "tries the even split and lighter first stages, which also hold the vision tower)")
+    p.add_argument("--last-stage-layers", type=int, help="language layers on the last pipeline stage")
     p.add_argument("--prompt-length", type=int, help="prompt tokens, image tokens included (default 4096)")
     p.add_argument("--response-length", type=int, help="response tokens (default 2048)")
     p.add_argument("--rollout-batch-size", type=int, help="prompts per rollout step (default 384)")
@@ -89,6 +93,7 @@ def _from_run_config(path: str) -> Dict[str, Any]:
     shaper = ADVANTAGE_SHAPERS.get(cfg.algorithm.advantage)  # as the loop decides whether to run the text-only pass
     text_only = bool(getattr(shaper, "uses_visual_dependency", False) or cfg.algorithm.monitor_visual_dependency)
     return dict(tp=par.tensor_model_parallel_size, pp=par.pipeline_model_parallel_size,
+                first_stage_layers=par.first_stage_layers, last_stage_layers=par.last_stage_layers,
                 rollout_tp=par.rollout_tensor_parallel_size, sequence_parallel=par.sequence_parallel,
                 distributed_optimizer=par.use_distributed_optimizer, dtype=model.dtype, recompute=model.recompute,
                 train_vision_tower=model.train_vision_tower, vision_attention=model.vision_attention,
@@ -118,7 +123,7 @@ def resolve(args: argparse.Namespace) -> Dict[str, Any]:
     problems = []
     positive = ["prompt_length", "response_length", "rollout_batch_size", "global_batch_size", "micro_batch_size",
                 "max_pixels", "kl_chunk_tokens"]
-    for key in positive + ["tp", "pp", "rollout_tp"]:
+    for key in positive + ["tp", "pp", "rollout_tp", "first_stage_layers", "last_stage_layers"]:
         if values[key] is not None and values[key] < 1:
             problems.append(f"--{key.replace('_', '-')} must be >= 1, got {values[key]}")
     if args.gpus < 1:
@@ -157,7 +162,8 @@ def run_plan(args: argparse.Namespace) -> int:
     try:
         shape = ModelShape.from_hf(load_hf_config(source))
         if values["tp"] or values["pp"]:
-            validate_parallel_layout(shape.text, values["tp"] or 1, values["pp"] or 1)
+            validate_parallel_layout(shape.text, values["tp"] or 1, values["pp"] or 1, values["first_stage_layers"],
+                                     values["last_stage_layers"])
     except ModelConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
     workload = Workload(prompt_length=values["prompt_length"], response_length=values["response_length"],
@@ -172,7 +178,8 @@ def run_plan(args: argparse.Namespace) -> int:
                       train_vision_tower=values["train_vision_tower"], rollout_tp=values["rollout_tp"],
                       make_vocab_size_divisible_by=values["make_vocab_size_divisible_by"],
                       vision_attention=values["vision_attention"], vision_recompute=values["vision_recompute"],
-                      sleep_mode=values["sleep_mode"], offload_during_rollout=values["offload_during_rollout"])
+                      sleep_mode=values["sleep_mode"], offload_during_rollout=values["offload_during_rollout"],
+                      first_stage_layers=values["first_stage_layers"], last_stage_layers=values["last_stage_layers"])
     try:
         rec = recommend(shape, workload, options, tp=values["tp"], pp=values["pp"])
     except ValueError as exc:
@@ -202,7 +209,9 @@ def _meta_check(source: str, shape, rec, values: Dict[str, Any], quiet: bool):
         print(f"meta-device check: building the {pp} stage(s) of TP={tp} PP={pp} (TP ranks {sorted({0, tp - 1})}) "
               "in a child process ...", flush=True)
     checks = check_layout(source, shape, tp, pp, tp_ranks=sorted({0, tp - 1}), dtype=values["dtype"],
-                          make_vocab_size_divisible_by=values["make_vocab_size_divisible_by"])
+                          make_vocab_size_divisible_by=values["make_vocab_size_divisible_by"],
+                          first_stage_layers=plan.layout.first_stage_layers,
+                          last_stage_layers=plan.layout.last_stage_layers)
     rows = [dict(stage=c.stage, tp_rank=c.tp_rank, built=c.built, predicted=c.predicted, ok=c.ok,
                  first_difference=c.first_difference) for c in checks]
     return all(c.ok for c in checks), rows

@@ -74,6 +74,8 @@ class Layout:
     vision_attention: str = "auto"  # model.vision_attention: eager keeps [patches, patches] scores, the rest do not
     vision_recompute: bool = False  # model.vision_recompute
     fused_kernels: bool = True  # on CUDA the trainer fuses SwiGLU (models/qwen2_5_vl/hf_config.fused_kernels)
+    first_stage_layers: Optional[int] = None  # parallel.first_stage_layers: an uneven pipeline split
+    last_stage_layers: Optional[int] = None  # parallel.last_stage_layers
     sleep_mode: bool = True  # rollout.sleep_mode: the engine frees its share while training runs
     offload_during_rollout: bool = False  # trainer.offload_during_rollout: training state in host memory meanwhile
 
@@ -217,15 +219,16 @@ def stage_memory(shape: ModelShape, layout: Layout, workload: Workload, stage: i
     t, v = shape.text, shape.vision
     tp, pp, sp = layout.tp, layout.pp, layout.sequence_parallel
     element = dtype_bytes(layout.dtype)
-    tensors = stage_tensors(shape, tp, pp, stage, layout.make_vocab_size_divisible_by)
+    first, last = layout.first_stage_layers, layout.last_stage_layers
+    tensors = stage_tensors(shape, tp, pp, stage, layout.make_vocab_size_divisible_by, first, last)
     state = training_state_bytes(tensors, layout.dtype, layout.dp, layout.distributed_optimizer,
                                  train_vision_tower=layout.train_vision_tower)
     s, b = workload.seq_length, workload.micro_batch_size
     layer_args = dict(seq=s, micro_batch=b, hidden=t.hidden_size, heads=t.num_heads, kv_heads=t.num_kv_heads,
                       ffn=t.ffn_hidden_size, tp=tp, sequence_parallel=sp, element_bytes=element)
     in_flight = in_flight_micro_batches(pp, stage, micro_batches)
-    per_micro_batch = layers_per_stage(t, pp) * layer_activation_bytes(recompute=layout.recompute,
-                                                                       fused_swiglu=layout.fused_kernels, **layer_args)
+    per_micro_batch = layers_per_stage(t, pp, stage, first, last) * layer_activation_bytes(
+        recompute=layout.recompute, fused_swiglu=layout.fused_kernels, **layer_args)
     if stage < pp - 1:  # the output kept for the next stage until the backward pass
         per_micro_batch += s * b * t.hidden_size * element / (tp if sp else 1)
     per_micro_batch += decoder_block_extra_bytes(s, b, t.hidden_size, t.num_heads, tp, sp, layout.recompute,

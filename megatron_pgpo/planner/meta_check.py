@@ -79,7 +79,9 @@ def _build_shards(requests: Sequence[dict]) -> List[dict]:
                     raise RuntimeError(f"rank {rank} became (stage, TP rank) {where}, expected {(stage, tp_rank)}")
                 with torch.device("meta"):
                     model = build_model(req["config"], tp=tp, pp=pp, dtype=req["dtype"], init_weights=False,
-                                        make_vocab_size_divisible_by=req["make_vocab_size_divisible_by"])
+                                        make_vocab_size_divisible_by=req["make_vocab_size_divisible_by"],
+                                        first_stage_layers=req["first_stage_layers"],
+                                        last_stage_layers=req["last_stage_layers"])
                 off_meta = [n for n, p in model.named_parameters() if not p.is_meta]
                 if off_meta:
                     raise RuntimeError(f"parameters allocated off the meta device: {off_meta[:3]}")
@@ -110,7 +112,8 @@ def build_meta_shards(requests: Sequence[dict], isolation: str = "reinit", timeo
     "tensors": [(name, numel, shared_embedding), ...]}]``, in one child (``reinit``) or one child per shard."""
     if isolation not in ISOLATION_MODES:
         raise ValueError(f"unknown isolation {isolation!r}; valid: {', '.join(ISOLATION_MODES)}")
-    defaults = dict(dp=1, dtype="bf16", make_vocab_size_divisible_by=128)
+    defaults = dict(dp=1, dtype="bf16", make_vocab_size_divisible_by=128, first_stage_layers=None,
+                    last_stage_layers=None)
     full = [{**defaults, **r, "config": str(r["config"]), "shards": [list(x) for x in r["shards"]]} for r in requests]
     if isolation == "reinit":
         return _run_child(full, timeout_s)
@@ -118,14 +121,15 @@ def build_meta_shards(requests: Sequence[dict], isolation: str = "reinit", timeo
             for built in _run_child([dict(r, shards=[shard])], timeout_s)]
 
 
-def compare(shape: ModelShape, tp: int, pp: int, built: List[dict],
-            make_vocab_size_divisible_by: int = 128) -> List[ShardCheck]:
-    """Each meta build against ``stage_tensors`` / ``stage_parameter_count``."""
+def compare(shape: ModelShape, tp: int, pp: int, built: List[dict], make_vocab_size_divisible_by: int = 128,
+            first_stage_layers: Optional[int] = None, last_stage_layers: Optional[int] = None) -> List[ShardCheck]:
+    """Each meta build against ``stage_tensors`` / ``stage_parameter_count`` (of the same pipeline split)."""
     checks = []
+    split = (first_stage_layers, last_stage_layers)
     for shard in built:
         stage = shard["stage"]
         expected = [(t.name, t.numel, t.shared_embedding)
-                    for t in stage_tensors(shape, tp, pp, stage, make_vocab_size_divisible_by)]
+                    for t in stage_tensors(shape, tp, pp, stage, make_vocab_size_divisible_by, *split)]
         got = [tuple(x) for x in shard["tensors"]]
         difference = None
         if got != expected:
@@ -134,20 +138,23 @@ def compare(shape: ModelShape, tp: int, pp: int, built: List[dict],
             difference = (f"tensor {i}: built {got[i] if i < len(got) else None}, "
                           f"formula {expected[i] if i < len(expected) else None}")
         checks.append(ShardCheck(stage=stage, tp_rank=shard["tp_rank"], built=sum(n for _, n, _ in got),
-                                 predicted=stage_parameter_count(shape, tp, pp, stage, make_vocab_size_divisible_by),
+                                 predicted=stage_parameter_count(shape, tp, pp, stage, make_vocab_size_divisible_by,
+                                                                 *split),
                                  tensors_match=difference is None, first_difference=difference))
     return checks
 
 
 def check_layout(config: str, shape: ModelShape, tp: int, pp: int, tp_ranks: Sequence[int] = (0,),
                  stages: Optional[Sequence[int]] = None, make_vocab_size_divisible_by: int = 128,
+                 first_stage_layers: Optional[int] = None, last_stage_layers: Optional[int] = None,
                  **kwargs) -> List[ShardCheck]:
     """Build every stage (or ``stages``) at each of ``tp_ranks`` on the meta device and compare."""
     stages = range(pp) if stages is None else stages
     request = dict(config=config, tp=tp, pp=pp, shards=[(s, r) for s in stages for r in tp_ranks],
-                   make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-                   **{k: kwargs.pop(k) for k in ("dp", "dtype") if k in kwargs})
-    return compare(shape, tp, pp, build_meta_shards([request], **kwargs), make_vocab_size_divisible_by)
+                   make_vocab_size_divisible_by=make_vocab_size_divisible_by, first_stage_layers=first_stage_layers,
+                   last_stage_layers=last_stage_layers, **{k: kwargs.pop(k) for k in ("dp", "dtype") if k in kwargs})
+    return compare(shape, tp, pp, build_meta_shards([request], **kwargs), make_vocab_size_divisible_by,
+                   first_stage_layers, last_stage_layers)
 
 
 if __name__ == "__main__":  # the child process

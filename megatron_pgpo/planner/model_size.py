@@ -24,9 +24,10 @@ order Megatron's DDP lays them out in its gradient buffer (``buffers.py`` needs 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
-from ..models.qwen2_5_vl.hf_config import ModelConfigError, TextDims, padded_vocab_size, validate_parallel_layout
+from ..models.qwen2_5_vl.hf_config import (TextDims, padded_vocab_size, stage_layer_counts,
+                                            validate_parallel_layout)
 
 
 @dataclass(frozen=True)
@@ -135,18 +136,19 @@ def decoder_layer_parameter_count(t: TextDims, tp: int = 1) -> int:
     return 2 * h + rows * (h + 1) + h * t.num_heads * t.head_dim // tp + 3 * f * h
 
 
-def layers_per_stage(t: TextDims, pp: int) -> int:
-    """Decoder layers on every stage (Megatron's even split; PP must divide the layers)."""
-    if pp < 1 or t.num_layers % pp:
-        raise ModelConfigError(f"PP={pp} does not divide the {t.num_layers} language layers")
-    return t.num_layers // pp
+def layers_per_stage(t: TextDims, pp: int, stage: int = 0, first: Optional[int] = None,
+                     last: Optional[int] = None) -> int:
+    """Decoder layers on ``stage``: Megatron's even split, or the uneven one ``first`` / ``last`` set
+    (``hf_config.stage_layer_counts``)."""
+    return stage_layer_counts(t.num_layers, pp, first, last)[stage]
 
 
-def stage_tensors(shape: ModelShape, tp: int, pp: int, stage: int,
-                  make_vocab_size_divisible_by: int = 128) -> List[TensorSpec]:
-    """The tensors one rank of pipeline stage ``stage`` holds at (TP, PP), in ``named_parameters()`` order."""
+def stage_tensors(shape: ModelShape, tp: int, pp: int, stage: int, make_vocab_size_divisible_by: int = 128,
+                  first_layers: Optional[int] = None, last_layers: Optional[int] = None) -> List[TensorSpec]:
+    """The tensors one rank of pipeline stage ``stage`` holds at (TP, PP), in ``named_parameters()`` order
+    (``first_layers`` / ``last_layers``: an uneven split's first- and last-stage layers)."""
     t = shape.text
-    validate_parallel_layout(t, tp, pp)
+    validate_parallel_layout(t, tp, pp, first_layers, last_layers)
     if not 0 <= stage < pp:
         raise ValueError(f"stage {stage} is not in [0, {pp})")
     first, last = stage == 0, stage == pp - 1
@@ -155,7 +157,7 @@ def stage_tensors(shape: ModelShape, tp: int, pp: int, stage: int,
     out: List[TensorSpec] = vision_tensors(shape.vision) if first else []
     if first:
         out.append(TensorSpec("language_model.embedding.word_embeddings.weight", vocab_rows * t.hidden_size, shared))
-    for i in range(layers_per_stage(t, pp)):
+    for i in range(layers_per_stage(t, pp, stage, first_layers, last_layers)):
         out += decoder_layer_tensors(t, tp, i)
     if last:
         out.append(TensorSpec("language_model.decoder.final_layernorm.weight", t.hidden_size))
@@ -164,13 +166,13 @@ def stage_tensors(shape: ModelShape, tp: int, pp: int, stage: int,
     return out
 
 
-def stage_parameter_count(shape: ModelShape, tp: int, pp: int, stage: int,
-                          make_vocab_size_divisible_by: int = 128) -> int:
+def stage_parameter_count(shape: ModelShape, tp: int, pp: int, stage: int, make_vocab_size_divisible_by: int = 128,
+                          first_layers: Optional[int] = None, last_layers: Optional[int] = None) -> int:
     """Closed form of ``sum(stage_tensors)``: what one rank of ``stage`` holds (padding rows included)."""
     t = shape.text
-    validate_parallel_layout(t, tp, pp)
+    validate_parallel_layout(t, tp, pp, first_layers, last_layers)
     vocab_block = padded_vocab_size(t.vocab_size, make_vocab_size_divisible_by, tp) // tp * t.hidden_size
-    count = layers_per_stage(t, pp) * decoder_layer_parameter_count(t, tp)
+    count = layers_per_stage(t, pp, stage, first_layers, last_layers) * decoder_layer_parameter_count(t, tp)
     if stage == 0:
         count += vision_parameter_count(shape.vision) + vocab_block
     if stage == pp - 1:

@@ -1,8 +1,11 @@
 """Choose a (TP, PP, DP) layout and a micro-batch size for a GPU count, or say why nothing fits.
 
 Valid layouts (what ``validate_parallel_layout`` and Megatron accept): TP <= 8 (one node's NVLink domain) dividing
-the attention heads, the KV heads and the MLP width; PP dividing the language layers (even split); TP x PP
-dividing the GPU count; DP = GPUs / (TP x PP). Sequence parallelism is on whenever TP > 1 unless told otherwise.
+the attention heads, the KV heads and the MLP width; PP <= 16 with an even split of the language layers or an
+uneven one (``pipeline_splits``: a lighter first stage, which also holds the vision tower and the embedding, the
+other stages sharing the rest evenly; unless ``first_stage_layers`` / ``last_stage_layers`` are given, the split
+with the most headroom is chosen); TP x PP dividing the GPU count; DP = GPUs / (TP x PP). Sequence parallelism is
+on whenever TP > 1 unless told otherwise.
 
 The vLLM engine's TP (``rollout_tp``), unless given, is chosen among 1, 2, 4, 8 (dividing the attention heads,
 compatible with the KV heads, within one model replica: <= TP x PP): the one whose KV cache needs the fewest
@@ -24,6 +27,8 @@ from .memory import GIB, Layout, MemoryPlan, Workload, estimate
 from .model_size import ModelShape
 
 MAX_TP = 8
+MAX_PP = 16  # deeper pipelines leave each stage a handful of layers and mostly bubbles
+MAX_UNEVEN_SPLITS = 3  # lighter first stages tried per PP (the least uneven ones)
 MAX_MICRO_BATCH = 64
 
 
@@ -44,6 +49,8 @@ class Options:
     make_vocab_size_divisible_by: int = 128
     vision_attention: str = "auto"
     vision_recompute: bool = False
+    first_stage_layers: Optional[int] = None  # None (and no last): the planner chooses the split
+    last_stage_layers: Optional[int] = None
     sleep_mode: bool = True
     offload_during_rollout: bool = False
 
@@ -60,15 +67,40 @@ class Recommendation:
     closest: Optional[MemoryPlan] = None  # when nothing fits: the plan that came closest, at micro-batch 1
 
 
+def pipeline_splits(num_layers: int, pp: int, max_uneven: int = MAX_UNEVEN_SPLITS) -> List[tuple]:
+    """``(first_stage_layers, last_stage_layers)`` splits worth trying at PP: the even one (``(None, None)``) where
+    PP divides the layers, then the ``max_uneven`` least uneven ones with a lighter first stage (it also holds the
+    vision tower and the embedding) whose other stages share the rest evenly, or, where no such split exists
+    (28 layers at PP=8), with a last stage no heavier than the middle ones as well."""
+    if pp == 1:
+        return [(None, None)]
+    out = [(None, None)] if num_layers % pp == 0 else []
+    uneven = []  # (how uneven, first, last)
+    for first in range(1, num_layers):
+        rest = num_layers - first
+        if rest % (pp - 1) == 0 and first < rest // (pp - 1):
+            uneven.append((rest // (pp - 1) - first, first, None))
+    if not uneven and pp > 2:
+        for first in range(1, num_layers):
+            for last in range(1, num_layers - first):
+                rest = num_layers - first - last
+                if rest > 0 and rest % (pp - 2) == 0:
+                    share = rest // (pp - 2)
+                    if first < share and last <= share:
+                        uneven.append((2 * share - first - last, first, last))
+    return out + [(first, last) for _, first, last in sorted(uneven)[:max_uneven]]
+
+
 def valid_layouts(shape: ModelShape, gpus: int) -> List[tuple]:
-    """Every (TP, PP) that shards this model on ``gpus`` GPUs, smallest TP x PP first."""
+    """Every (TP, PP) that shards this model on ``gpus`` GPUs (PP with an even or an uneven split), smallest
+    TP x PP first."""
     t = shape.text
     out = []
     for tp in (1, 2, 4, 8):
         if tp > MAX_TP or any(x % tp for x in (t.num_heads, t.num_kv_heads, t.ffn_hidden_size)):
             continue
-        for pp in range(1, t.num_layers + 1):
-            if t.num_layers % pp == 0 and gpus % (tp * pp) == 0:
+        for pp in range(1, min(t.num_layers, MAX_PP) + 1):
+            if pipeline_splits(t.num_layers, pp) and gpus % (tp * pp) == 0:
                 out.append((tp, pp))
     return sorted(out, key=lambda x: (x[0] * x[1], x[1]))
 
@@ -80,9 +112,21 @@ def _rollout_tp_candidates(shape: ModelShape, tp: int, pp: int) -> List[int]:
 
 
 def plan_layout(shape: ModelShape, workload: Workload, options: Options, tp: int, pp: int) -> MemoryPlan:
-    """``memory.estimate`` for (TP, PP) on ``options.gpus`` GPUs, choosing the rollout TP if not given."""
+    """``memory.estimate`` for (TP, PP) on ``options.gpus`` GPUs, choosing the rollout TP if not given and, at PP > 1,
+    the pipeline split if not given (the one with the most headroom: an uneven split gives stage 0, which also holds
+    the vision tower, fewer layers)."""
     if options.gpus % (tp * pp):
         raise ValueError(f"TP x PP = {tp} x {pp} does not divide {options.gpus} GPUs")
+    if options.first_stage_layers is not None or options.last_stage_layers is not None:
+        splits = [(options.first_stage_layers, options.last_stage_layers)]
+    else:
+        splits = pipeline_splits(shape.text.num_layers, pp) or [(None, None)]
+    plans = [_plan_split(shape, workload, options, tp, pp, first, last) for first, last in splits]
+    return max(plans, key=lambda p: (p.fits, p.headroom))
+
+
+def _plan_split(shape: ModelShape, workload: Workload, options: Options, tp: int, pp: int,
+                first: Optional[int], last: Optional[int]) -> MemoryPlan:
     sp = tp > 1 if options.sequence_parallel is None else options.sequence_parallel
     base = Layout(tp=tp, pp=pp, dp=options.gpus // (tp * pp), rollout_tp=options.rollout_tp or 1,
                   sequence_parallel=sp, recompute=options.recompute,
@@ -90,7 +134,8 @@ def plan_layout(shape: ModelShape, workload: Workload, options: Options, tp: int
                   train_vision_tower=options.train_vision_tower,
                   make_vocab_size_divisible_by=options.make_vocab_size_divisible_by,
                   vision_attention=options.vision_attention, vision_recompute=options.vision_recompute,
-                  sleep_mode=options.sleep_mode, offload_during_rollout=options.offload_during_rollout)
+                  sleep_mode=options.sleep_mode, offload_during_rollout=options.offload_during_rollout,
+                  first_stage_layers=first, last_stage_layers=last)
     mem = dict(gpu_memory_gib=options.gpu_memory_gib, gpu_memory_utilization=options.gpu_memory_utilization,
                reserve_gib=options.reserve_gib)
     if options.rollout_tp is not None:

@@ -61,6 +61,12 @@ def _gib(value: float) -> str:
     return f"{value / GIB:.1f}"
 
 
+def _stage_layers(shape: ModelShape, lay) -> list:
+    from ..models.qwen2_5_vl.hf_config import stage_layer_counts
+
+    return stage_layer_counts(shape.text.num_layers, lay.pp, lay.first_stage_layers, lay.last_stage_layers)
+
+
 def _stage_table(plan: MemoryPlan, title: str):
     from rich.table import Table
 
@@ -137,7 +143,8 @@ def print_report(rec: Recommendation, shape: ModelShape, model_name: str, consol
     title = ("recommended" if rec.best else "closest, at micro-batch 1" if len(rec.plans) > 1 else
              "at micro-batch 1") + \
         f": TP={lay.tp} PP={lay.pp} DP={lay.dp}, micro-batch {w.micro_batch_size} " \
-        f"({detail.micro_batches_per_update} per update per DP rank), sequence parallel={lay.sequence_parallel}"
+        f"({detail.micro_batches_per_update} per update per DP rank), sequence parallel={lay.sequence_parallel}" + \
+        (f", layers per stage {_stage_layers(shape, lay)}" if lay.pp > 1 else "")
     console.print(_stage_table(detail, title))
     if rec.best is not None:
         console.print(f"[green]fits[/]: recommended micro-batch {rec.micro_batch_size}, "

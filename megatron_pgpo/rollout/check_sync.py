@@ -44,15 +44,17 @@ def image_messages(question: str = DEFAULT_QUESTION) -> List[Dict]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 
 
-def load_megatron(hf_path: str, transformer_impl: str = "local"):
-    """This rank's Megatron stage (parallel state already initialised), loaded from ``hf_path``, in eval mode."""
+def load_megatron(hf_path: str, transformer_impl: str = "local", first_stage_layers: Optional[int] = None):
+    """This rank's Megatron stage (parallel state already initialised), loaded from ``hf_path``, in eval mode
+    (``first_stage_layers``: an uneven pipeline split)."""
     from megatron.core import parallel_state as ps
 
     from ..models.qwen2_5_vl.loading import load_hf_into_model
     from ..models.qwen2_5_vl.model import build_model
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    model = build_model(hf_path, tp=tp, pp=pp, init_weights=False, transformer_impl=transformer_impl)
+    model = build_model(hf_path, tp=tp, pp=pp, init_weights=False, transformer_impl=transformer_impl,
+                        first_stage_layers=first_stage_layers)
     load_hf_into_model(model, hf_path, ps.get_tensor_model_parallel_rank(), tp, ps.get_pipeline_model_parallel_rank(),
                        pp, transformer_impl)
     return model.eval()

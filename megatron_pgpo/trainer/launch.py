@@ -61,6 +61,16 @@ def check_supported(cfg: Config) -> None:
                         "trainer.run_dir)")
     if problems:
         raise ConfigError("not supported by the training loop yet: " + "; ".join(problems))
+    if cfg.model.hf_path is not None:  # the layout against the model, before any process starts
+        from ..models.qwen2_5_vl.hf_config import (ModelConfigError, TextDims, load_hf_config,
+                                                    validate_parallel_layout)
+
+        p = cfg.parallel
+        try:
+            validate_parallel_layout(TextDims.from_hf(load_hf_config(cfg.model.hf_path)), p.tensor_model_parallel_size,
+                                     p.pipeline_model_parallel_size, p.first_stage_layers, p.last_stage_layers)
+        except ModelConfigError as exc:
+            raise ConfigError(f"{exc} (model.hf_path={cfg.model.hf_path})") from None
 
 
 def init_rank(cfg: Config, rank: int, world_size: int, master_addr: str, master_port: int,

@@ -73,7 +73,8 @@ class Trainer:
                             transformer_impl=cfg.model.transformer_impl, sequence_parallel=cfg.parallel.sequence_parallel,
                             make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
                             recompute=cfg.model.recompute, fp8=cfg.model.fp8, fp8_recipe=cfg.model.fp8_recipe,
-                            init_weights=False, device=self.device,
+                            init_weights=False, device=self.device, first_stage_layers=cfg.parallel.first_stage_layers,
+                            last_stage_layers=cfg.parallel.last_stage_layers,
                             vision_attention=cfg.model.vision_attention, vision_recompute=cfg.model.vision_recompute)
         load_hf_into_model(model, hf_path, ps.get_tensor_model_parallel_rank(), self.tp,
                            ps.get_pipeline_model_parallel_rank(), self.pp, cfg.model.transformer_impl)

@@ -88,7 +88,7 @@ def _megatron_logits(model):
         return None if logits is None else gather_vocab_logits(logits, model.vocab_size)
 
 
-def _load_and_run(ckpt_dir):
+def _load_and_run(ckpt_dir, first_stage_layers=None):
     """Build this rank's stage from the checkpoint's own config.json, load the dist checkpoint, run the prompt."""
     from megatron.core import parallel_state as ps
 
@@ -96,7 +96,8 @@ def _load_and_run(ckpt_dir):
     from megatron_pgpo.models.qwen2_5_vl.model import build_model
 
     model = build_model(ckpt_dir, tp=ps.get_tensor_model_parallel_world_size(),
-                        pp=ps.get_pipeline_model_parallel_world_size(), init_weights=False)
+                        pp=ps.get_pipeline_model_parallel_world_size(), init_weights=False,
+                        first_stage_layers=first_stage_layers)
     load_checkpoint_into_model(model, ckpt_dir)
     return _megatron_logits(model)
 
@@ -208,6 +209,19 @@ def test_converted_checkpoint_gives_transformers_logits(workers, preset, tp, pp,
     reference = hf_logits[preset]
     assert logits.shape == reference.shape  # real vocabulary only
     assert _max_diff(logits, reference) <= LOGIT_TOL
+
+
+def test_converted_checkpoint_loads_at_an_uneven_pipeline_split(workers, hf_ckpts, hf_logits, tmp_path):
+    """tiny-gqa (4 layers) converted for PP=2 with 1 + 3 layers, loaded at that split: transformers' logits."""
+    from megatron_pgpo.models.qwen2_5_vl.convert import from_hf
+    from megatron_pgpo.models.qwen2_5_vl.hf_config import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match="must equal the 4 layers"):
+        from_hf(hf_ckpts["tiny-gqa"], tmp_path / "bad", pp=2, first_stage_layers=1, last_stage_layers=1,
+                progress=False)
+    out = from_hf(hf_ckpts["tiny-gqa"], tmp_path / "mcore", pp=2, first_stage_layers=1, progress=False)
+    logits = _last_stage_logits(workers.run(_load_and_run, str(out), 1, tp=1, pp=2))
+    assert _max_diff(logits, hf_logits["tiny-gqa"]) <= LOGIT_TOL
 
 
 def test_checkpoint_saved_at_tp2_loads_at_tp1_and_pp2(workers, hf_ckpts, tmp_path):

@@ -20,7 +20,7 @@ LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
 
 
 # --------------------------------------------------------------------------------------------- worker side
-def _megatron_passes(hf_path: str, seed: int, tp: int, pp: int):
+def _megatron_passes(hf_path: str, seed: int, tp: int, pp: int, first_stage_layers=None):
     """Every pass's full-vocabulary logits from the one rank that holds them (last stage, TP/DP rank 0)."""
     from megatron.core import parallel_state as ps
 
@@ -29,7 +29,8 @@ def _megatron_passes(hf_path: str, seed: int, tp: int, pp: int):
     from megatron_pgpo.models.qwen2_5_vl.model import build_model
     from megatron_pgpo.models.qwen2_5_vl.parity import megatron_logits
 
-    model = build_model(load_hf_config(hf_path), tp=tp, pp=pp, init_weights=False)
+    model = build_model(load_hf_config(hf_path), tp=tp, pp=pp, init_weights=False,
+                        first_stage_layers=first_stage_layers)
     load_hf_into_model(model, hf_path, tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp,
                        pp_rank=ps.get_pipeline_model_parallel_rank(), pp_size=pp)
     logits = megatron_logits(model, synthetic_batch(model.hf_config, seed))
@@ -133,6 +134,16 @@ def test_megatron_logits_equal_transformers(workers, tiny_checkpoints, hf_refere
     # padding rows were really padded and every compared value is finite
     assert not bool(inputs.valid.all())
     assert all(bool(torch.isfinite(v[inputs.valid]).all()) for v in logits.values())
+
+
+def test_uneven_pipeline_split_equals_transformers(workers, tiny_checkpoints, hf_reference):
+    """PP=2 with 1 + 3 of tiny-gqa's 4 layers (parallel.first_stage_layers=1, tied embeddings): the loader maps
+    each stage's HF layers from the split, and the logits equal transformers'."""
+    inputs, reference = hf_reference("tiny-gqa")
+    logits = _one(workers.run(_megatron_passes, tiny_checkpoints["tiny-gqa"], SEED, 1, 2, 1, tp=1, pp=2,
+                              timeout_s=120))
+    diffs = compare(logits, reference, inputs)
+    assert max(diffs.values()) <= TOLERANCE, diffs
 
 
 def test_response_image_token_is_text_not_an_image_slot(workers, tiny_checkpoints):

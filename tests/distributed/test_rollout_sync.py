@@ -63,7 +63,7 @@ def _greedy(engine):
 
 
 # ----------------------------------------------------------------------------------------- worker functions
-def _sync_case(ckpt, run_dir, seed, bucket_bytes, export_dir, check_logprobs):
+def _sync_case(ckpt, run_dir, seed, bucket_bytes, export_dir, check_logprobs, first_stage_layers=None):
     """Load, perturb, sync, export; rank 0 returns vLLM greedy tokens (and log-prob comparisons at PP=1)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -72,7 +72,7 @@ def _sync_case(ckpt, run_dir, seed, bucket_bytes, export_dir, check_logprobs):
     from megatron_pgpo.rollout.engine import SamplingConfig
     from megatron_pgpo.rollout.weight_sync import save_hf_checkpoint, sync_weights
 
-    model = load_megatron(ckpt)
+    model = load_megatron(ckpt, first_stage_layers=first_stage_layers)
     perturb_model_(model, seed)
     engine = _engine(ckpt, run_dir)
     if engine is not None:
@@ -255,6 +255,15 @@ def test_pp2_each_stage_contributes_its_layers(setup):
     workers, ckpt, run_dir, root = setup
     export = root / "export_pp2"
     result = workers.run(_sync_case, ckpt, run_dir, 3, 64 << 10, str(export), False, tp=1, pp=2, timeout_s=180)[0]
+    _assert_matches_hf(result, export)
+
+
+def test_pp2_uneven_split_exports_each_layer_under_its_hf_index(setup):
+    """PP=2 with 1 + 3 of the 4 layers: each stage's layers leave under their global HF indices."""
+    workers, ckpt, run_dir, root = setup
+    export = root / "export_pp2_uneven"
+    result = workers.run(_sync_case, ckpt, run_dir, 6, 64 << 10, str(export), False, 1, tp=1, pp=2,
+                         timeout_s=180)[0]
     _assert_matches_hf(result, export)
 
 

@@ -114,3 +114,19 @@ def test_paper_example_layouts_shard_the_published_models(size):
     dims = TextDims.from_hf(load_hf_config(str(EXAMPLES / "hf_configs" / f"qwen2_5_vl_{size}.json")))
     validate_parallel_layout(dims, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     assert cfg.data.rollout_batch_size == 384 and cfg.rollout.n == 5 and cfg.trainer.lr == 1e-6
+
+
+def test_uneven_pipeline_split_is_checked_against_the_model_before_any_process_starts(tmp_path):
+    from megatron_pgpo.config import ConfigError, load_config
+    from megatron_pgpo.models.qwen2_5_vl.tiny import save_tiny_checkpoint
+    from megatron_pgpo.trainer.launch import check_supported
+
+    with pytest.raises(ConfigError, match="needs parallel.pipeline_model_parallel_size > 1"):
+        load_config(None, ["parallel.first_stage_layers=1"])
+    ckpt = save_tiny_checkpoint(tmp_path / "gqa", "tiny-gqa")  # 4 language layers
+    ok = load_config(None, [f"model.hf_path={ckpt}", "parallel.pipeline_model_parallel_size=2",
+                            "parallel.first_stage_layers=1"])
+    check_supported(ok)
+    bad = load_config(None, [f"model.hf_path={ckpt}", "parallel.pipeline_model_parallel_size=3"])
+    with pytest.raises(ConfigError, match="PP=3 does not divide the 4 language layers"):
+        check_supported(bad)

@@ -90,12 +90,19 @@ def test_meta_device_builds_equal_the_formula(shapes):
                shards=[(s, r) for s in range(8) for r in (0, 7)])
     small = dict(config=str(CONFIG_DIR / "qwen2_5_vl_3b.json"), tp=2, pp=4,
                  shards=[(s, r) for s in range(4) for r in (0, 1)])
-    built = build_meta_shards([big, small])
-    for size, request in (("72b", big), ("3b", small)):
+    # an uneven split that PP does not allow evenly: 28 layers (7B) at PP=3 as 6 + 11 + 11
+    uneven = dict(config=str(CONFIG_DIR / "qwen2_5_vl_7b.json"), tp=1, pp=3, first_stage_layers=6,
+                  shards=[(s, 0) for s in range(3)])
+    built = build_meta_shards([big, small, uneven])
+    for size, request in (("72b", big), ("3b", small), ("7b", uneven)):
         mine = [b for b in built if b["config"] == request["config"]]
         assert [(b["stage"], b["tp_rank"]) for b in mine] == [tuple(x) for x in request["shards"]]
-        checks = compare(shapes[size], request["tp"], request["pp"], mine)
+        checks = compare(shapes[size], request["tp"], request["pp"], mine,
+                         first_stage_layers=request.get("first_stage_layers"))
         assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+    layers = [sum(1 for n, _, _ in b["tensors"] if n.endswith("linear_proj.weight"))
+              for b in built if b["config"] == uneven["config"]]
+    assert layers == [6, 11, 11]
     last_3b = [b for b in built if b["config"] == small["config"] and b["stage"] == 3 and b["tp_rank"] == 1]
     assert last_3b[0]["tensors"][-1][0] == "language_model.output_layer.weight"  # the tied head's copy
     fresh = build_meta_shards([dict(small, shards=[(3, 1)])], isolation="process")
@@ -360,3 +367,27 @@ def test_cli_rejects_bad_input(argv, message):
     with pytest.raises(SystemExit) as exc:
         main(["plan", *argv])
     assert message in str(exc.value)
+
+
+def test_pipeline_splits_by_hand():
+    from megatron_pgpo.models.qwen2_5_vl.hf_config import ModelConfigError, stage_layer_counts
+    from megatron_pgpo.planner.recommend import pipeline_splits
+
+    assert stage_layer_counts(80, 4) == [20, 20, 20, 20]
+    assert stage_layer_counts(80, 4, first=14) == [14, 22, 22, 22]  # stage 0 also holds the vision tower
+    assert stage_layer_counts(28, 8, first=1, last=3) == [1, 4, 4, 4, 4, 4, 4, 3]  # PP=8 does not divide 28
+    assert stage_layer_counts(4, 2, first=1) == [1, 3]
+    for args, message in (((28, 8), "does not divide"), ((4, 2, 1, 1), "must equal the 4 layers"),
+                          ((10, 3, 5), "cannot share the remaining 5"), ((4, 2, 0), r"in \[1, 3\]")):
+        with pytest.raises(ModelConfigError, match=message):
+            stage_layer_counts(*args)
+    # the even split, then the three least uneven lighter first stages
+    assert pipeline_splits(80, 4) == [(None, None), (17, None), (14, None), (11, None)]
+    assert pipeline_splits(36, 8) == [(1, None)]  # 1 + 7 x 5: PP=8 does not divide 36
+    # 28 at PP=8: no lighter first stage alone works (the other 7 stages would need a share above it), so the last
+    # stage is made lighter too: the middle six take 4 each
+    assert pipeline_splits(28, 8) == [(1, 3), (2, 2), (3, 1)]
+    splits = pipeline_splits(28, 8)
+    assert splits and all(sum(stage_layer_counts(28, 8, f, l)) == 28 for f, l in splits)
+    assert all(stage_layer_counts(28, 8, f, l)[0] < stage_layer_counts(28, 8, f, l)[1] for f, l in splits)
+    assert pipeline_splits(36, 1) == [(None, None)]

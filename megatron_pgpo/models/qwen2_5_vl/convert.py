@@ -300,13 +300,16 @@ def _commit_dir(staging: Path, out_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------- HF -> Megatron
 def from_hf(hf_dir: PathLike, out_dir: PathLike, *, dtype: Optional[str] = None, tp: int = 1, pp: int = 1,
             make_vocab_size_divisible_by: int = 128, transformer_impl: str = "local", overwrite: bool = False,
-            progress: bool = True) -> Path:
+            progress: bool = True, first_stage_layers: Optional[int] = None,
+            last_stage_layers: Optional[int] = None) -> Path:
     """Convert the HF Qwen2.5-VL checkpoint at ``hf_dir`` into a Megatron-Core dist checkpoint at ``out_dir``.
 
     Args:
         dtype: ``fp32`` / ``bf16`` / ``fp16`` to cast to; None keeps each tensor's dtype (bit-exact round trip).
         tp, pp: the layout the checkpoint will be trained at; checked against the config before any weight is read
-            (the checkpoint itself loads at any layout that divides the model).
+            (the checkpoint itself loads at any layout that divides the model). ``first_stage_layers`` /
+            ``last_stage_layers``: that layout's uneven pipeline split, checked likewise (layers are saved under
+            their global indices, so the checkpoint loads at any split).
         make_vocab_size_divisible_by: Megatron's vocabulary padding unit (the training config's value).
         overwrite: replace an existing ``out_dir``.
 
@@ -321,7 +324,7 @@ def from_hf(hf_dir: PathLike, out_dir: PathLike, *, dtype: Optional[str] = None,
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
     hf_config = load_hf_config(hf_dir)  # unsupported model types fail here
-    validate_parallel_layout(TextDims.from_hf(hf_config), tp, pp)
+    validate_parallel_layout(TextDims.from_hf(hf_config), tp, pp, first_stage_layers, last_stage_layers)
     with HFCheckpointReader(hf_dir) as reader, single_process_megatron():
         model = build_meta_model(hf_config, transformer_impl, make_vocab_size_divisible_by)
         mappings = model_mappings(model, transformer_impl)

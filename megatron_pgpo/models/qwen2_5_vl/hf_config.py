@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
 
@@ -94,15 +94,57 @@ class TextDims:
         )
 
 
-def validate_parallel_layout(dims: TextDims, tp: int, pp: int) -> None:
+def stage_layer_counts(num_layers: int, pp: int, first: Optional[int] = None,
+                       last: Optional[int] = None) -> List[int]:
+    """Language layers on each pipeline stage, Megatron's way (``num_layers_in_first_pipeline_stage`` /
+    ``..._last_...``, ``get_transformer_layer_offset``): ``first`` / ``last`` layers on the first / last stage when
+    given, the rest split evenly over the other stages. Stage 0 also holds the vision tower and the embedding, so
+    giving it fewer layers evens out the stages' memory, and layer counts that PP does not divide become possible
+    (28 layers at PP=8 with ``first=1, last=3``: ``[1, 4, 4, 4, 4, 4, 4, 3]``).
+
+    Raises ``ModelConfigError`` when the split does not work out (the message says why).
+    """
+    if pp < 1:
+        raise ModelConfigError(f"PP must be >= 1, got {pp}")
+    if pp == 1:
+        if first not in (None, num_layers) or last not in (None, num_layers):
+            raise ModelConfigError("first/last stage layer counts need PP > 1")
+        return [num_layers]
+    for name, value in (("first", first), ("last", last)):
+        if value is not None and not 1 <= value < num_layers:
+            raise ModelConfigError(f"{name}-stage layers must be in [1, {num_layers - 1}], got {value}")
+    middle = pp - (first is not None) - (last is not None)
+    rest = num_layers - (first or 0) - (last or 0)
+    if middle == 0:
+        if rest != 0:
+            raise ModelConfigError(f"first + last stage layers ({first} + {last}) must equal the {num_layers} layers "
+                                   f"at PP=2")
+        return [first, last]
+    if rest < middle or rest % middle:
+        given = " and ".join(f"{n}={v}" for n, v in (("first", first), ("last", last)) if v is not None)
+        raise ModelConfigError(
+            f"PP={pp} does not divide the {num_layers} language layers" if not given else
+            f"with {given}, the other {middle} stages cannot share the remaining {rest} layers evenly")
+    counts = [rest // middle] * pp
+    if first is not None:
+        counts[0] = first
+    if last is not None:
+        counts[-1] = last
+    return counts
+
+
+def validate_parallel_layout(dims: TextDims, tp: int, pp: int, first_stage_layers: Optional[int] = None,
+                             last_stage_layers: Optional[int] = None) -> None:
     """Raise ``ModelConfigError`` naming every reason the (TP, PP) layout cannot shard this model."""
     problems = []
     for name, value in (("attention heads", dims.num_heads), ("KV groups (num_key_value_heads)", dims.num_kv_heads),
                         ("the MLP intermediate size", dims.ffn_hidden_size)):
         if value % tp:
             problems.append(f"TP={tp} does not divide {name} ({value})")
-    if dims.num_layers % pp:
-        problems.append(f"PP={pp} does not divide the {dims.num_layers} language layers")
+    try:
+        stage_layer_counts(dims.num_layers, pp, first_stage_layers, last_stage_layers)
+    except ModelConfigError as exc:
+        problems.append(str(exc))
     if problems:
         raise ModelConfigError("cannot shard this model: " + "; ".join(problems))
 
@@ -151,6 +193,8 @@ def to_transformer_config(
     fp8: Optional[str] = None,
     fp8_recipe: str = "blockwise",
     init_weights: bool = True,
+    first_stage_layers: Optional[int] = None,
+    last_stage_layers: Optional[int] = None,
     **overrides: Any,
 ):
     """Megatron-Core ``TransformerConfig`` for the language model of ``hf_config`` at (TP, PP).
@@ -163,7 +207,7 @@ def to_transformer_config(
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dims = TextDims.from_hf(hf_config)
-    validate_parallel_layout(dims, tp, pp)
+    validate_parallel_layout(dims, tp, pp, first_stage_layers, last_stage_layers)
     params_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     kwargs: Dict[str, Any] = dict(
         num_layers=dims.num_layers,
@@ -184,6 +228,8 @@ def to_transformer_config(
         init_method_std=getattr(hf_config.text_config, "initializer_range", 0.02),
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        num_layers_in_first_pipeline_stage=first_stage_layers if pp > 1 else None,
+        num_layers_in_last_pipeline_stage=last_stage_layers if pp > 1 else None,
         sequence_parallel=sequence_parallel,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,

@@ -15,12 +15,24 @@ from .hf_io import CheckpointMismatch, HFCheckpointReader
 from .mapping import ParamMapping, param_mappings, tied_output_names, to_hf, to_mcore
 
 
+def model_stage_layers(model, pp_size: int) -> List[int]:
+    """The language layers of each pipeline stage of ``model``'s layout (its Megatron config's uneven split, if
+    any; an even split otherwise)."""
+    from .hf_config import stage_layer_counts
+
+    config = getattr(model, "config", None)
+    return stage_layer_counts(model.dims.num_layers, pp_size,
+                              getattr(config, "num_layers_in_first_pipeline_stage", None) if pp_size > 1 else None,
+                              getattr(config, "num_layers_in_last_pipeline_stage", None) if pp_size > 1 else None)
+
+
 def stage_mappings(model, pp_rank: int, pp_size: int, transformer_impl: str = "local") -> List[ParamMapping]:
     """The mappings of the stage ``model`` holds (vision names taken from its HF config's module, if any)."""
     vision_names = []
     if model.vision_model is not None:
         vision_names = ["visual." + k for k in model.vision_model.state_dict()]
-    return param_mappings(model.dims, vision_names, pp_rank, pp_size, transformer_impl)
+    return param_mappings(model.dims, vision_names, pp_rank, pp_size, transformer_impl,
+                          stage_layers=model_stage_layers(model, pp_size))
 
 
 def expected_hf_names(model, transformer_impl: str = "local") -> List[str]:

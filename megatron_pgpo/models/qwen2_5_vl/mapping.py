@@ -59,12 +59,19 @@ def layer_mappings(i: int, mcore_i: int, transformer_impl: str = "local") -> Lis
 
 
 def param_mappings(dims: TextDims, vision_names: Sequence[str], pp_rank: int = 0, pp_size: int = 1,
-                   transformer_impl: str = "local") -> List[ParamMapping]:
+                   transformer_impl: str = "local", stage_layers: Optional[Sequence[int]] = None
+                   ) -> List[ParamMapping]:
     """Every mapping of pipeline stage ``pp_rank`` (all of them for ``pp_size = 1``), in checkpoint order.
 
-    ``vision_names`` are the HF vision tensor names (``visual.*``), which live on stage 0.
+    ``vision_names`` are the HF vision tensor names (``visual.*``), which live on stage 0. ``stage_layers``: the
+    language layers of each stage (``hf_config.stage_layer_counts``); None: an even split.
     """
-    per_stage = dims.num_layers // pp_size
+    from .hf_config import stage_layer_counts
+
+    counts = list(stage_layers) if stage_layers is not None else stage_layer_counts(dims.num_layers, pp_size)
+    if len(counts) != pp_size or sum(counts) != dims.num_layers:
+        raise ValueError(f"stage layers {counts} do not split {dims.num_layers} layers over PP={pp_size}")
+    offset, per_stage = sum(counts[:pp_rank]), counts[pp_rank]
     first, last = pp_rank == 0, pp_rank == pp_size - 1
     out: List[ParamMapping] = []
     if first:
@@ -72,7 +79,7 @@ def param_mappings(dims: TextDims, vision_names: Sequence[str], pp_rank: int = 0
                                 "vocab"))
         out += [ParamMapping("vision_model." + n[len("visual."):], (n,), "replicated") for n in vision_names]
     for local in range(per_stage):
-        out += layer_mappings(pp_rank * per_stage + local, local, transformer_impl)
+        out += layer_mappings(offset + local, local, transformer_impl)
     if last:
         out.append(ParamMapping("language_model.decoder.final_layernorm.weight", ("model.norm.weight",),
                                 "replicated"))
