@@ -117,12 +117,23 @@ def plan_layout(shape: ModelShape, workload: Workload, options: Options, tp: int
     the vision tower, fewer layers)."""
     if options.gpus % (tp * pp):
         raise ValueError(f"TP x PP = {tp} x {pp} does not divide {options.gpus} GPUs")
-    if options.first_stage_layers is not None or options.last_stage_layers is not None:
-        splits = [(options.first_stage_layers, options.last_stage_layers)]
-    else:
+    given = (options.first_stage_layers, options.last_stage_layers)
+    if given != (None, None) and _valid_split(shape.text.num_layers, pp, *given):
+        splits = [given]
+    else:  # none given, or the given one belongs to another PP (``recommend`` compares other layouts too)
         splits = pipeline_splits(shape.text.num_layers, pp) or [(None, None)]
     plans = [_plan_split(shape, workload, options, tp, pp, first, last) for first, last in splits]
     return max(plans, key=lambda p: (p.fits, p.headroom))
+
+
+def _valid_split(num_layers: int, pp: int, first: Optional[int], last: Optional[int]) -> bool:
+    from ..models.qwen2_5_vl.hf_config import ModelConfigError, stage_layer_counts
+
+    try:
+        stage_layer_counts(num_layers, pp, first, last)
+        return True
+    except ModelConfigError:
+        return False
 
 
 def _plan_split(shape: ModelShape, workload: Workload, options: Options, tp: int, pp: int,
