@@ -19,6 +19,9 @@ KNOWN_WARNINGS = (
      "Megatron-Core 0.16.1 warns about its own default cuda_graph_scope"),
     (FutureWarning, r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
      "called inside Megatron-Core's distributed optimizer, not by this package"),
+    (UserWarning, r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+     "Megatron-Core's distributed optimizer zero_grad (optimizer.py, _zero_grad_group_helper) reads .grad of its "
+     "fp32 shards, which with fp32 parameters are views into the parameter buffer and never hold a .grad"),
 )
 
 
