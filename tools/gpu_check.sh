@@ -16,7 +16,8 @@ PY=${PYTHON:-python3}
 WHEELS=${GPU_WHEELS:-.gpu_wheels}
 SITE=${GPU_SITE:-/tmp/megatron-pgpo-site}
 
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
+# The carried wheels are cp312 (the GPU check machine's Python); another interpreter keeps its own packages.
+if compgen -G "$WHEELS/*.whl" >/dev/null && "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
   echo ">> installing $(ls "$WHEELS"/*.whl | wc -l) carried wheels into $SITE"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
