@@ -1,12 +1,15 @@
 """Every collective of the trainer, the rollout side and the model helpers goes through here, so every tensor
 handed to a process group lives where that group's backend can take it.
 
-The rule (``device_for_backend``): a group whose backend has gloo (``gloo``, or the ``cpu:gloo,cuda:nccl`` group
-a GPU run creates, as verl's Megatron worker does) takes CPU tensors; a NCCL-only group takes tensors on the
-current CUDA device only ("No backend type associated with device type cpu" otherwise). Control traffic (flags,
-counts, metric sums) is built on the CPU by the caller and moved here when the group needs it; results come back
-on the caller's device. Object collectives (``all_gather_object`` and friends) are torch's, which place their
-byte tensors themselves once ``torch.cuda.set_device`` has run (``device.bind``).
+The rule (``placement``): a tensor stays on its device when the group's backend takes that device type, else it
+moves to one the backend takes. A GPU run's groups are ``cpu:gloo,cuda:nccl`` (as verl's Megatron worker makes
+them), so CUDA tensors (weights gathered for export, activations between stages) go through NCCL without a host
+copy and small CPU control tensors (flags, counts, metric sums) through gloo; a NCCL-only group would get every
+tensor on the current CUDA device ("No backend type associated with device type cpu" otherwise). Results come back
+on the caller's device. A receive allocates on the device the caller names (the sender's device type: the same
+code runs on every rank), else where the group's backend prefers (``device_for``). Object collectives
+(``all_gather_object`` and friends) are torch's, which place their byte tensors themselves once
+``torch.cuda.set_device`` has run (``device.bind``).
 
 A unit test (``tests/unit/test_collective_placement.py``) fails when any other module of the package calls a
 ``torch.distributed`` collective directly; the only exception is ``vocab_parallel.py``, whose autograd functions
@@ -16,19 +19,16 @@ reduce the logits' own statistics (already on the model's device) over an explic
 from __future__ import annotations
 
 import datetime
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Set
 
 import torch
 import torch.distributed as dist
 
 
-def device_for_backend(backend: str, cuda_index: Optional[int] = None) -> torch.device:
-    """Where tensors for a group with this backend must live (pure; see the module docstring).
-
-    ``backend``: torch's backend config string (``get_backend_config``: ``cpu:gloo,cuda:gloo`` for gloo,
-    ``cuda:nccl`` for NCCL, ``cpu:gloo,cuda:nccl`` mixed) or a plain backend name. ``cuda_index``: the current
-    CUDA device, needed only when the group takes no CPU tensors.
-    """
+def backend_devices(backend: str) -> Set[str]:
+    """Device types a group with this backend takes. ``backend``: torch's backend config string
+    (``get_backend_config``: ``cpu:gloo,cuda:gloo`` for gloo, ``cuda:nccl`` for NCCL, ``cpu:gloo,cuda:nccl``
+    mixed) or a plain backend name."""
     devices = set()
     for pair in str(backend).lower().replace(" ", "").split(","):
         device, _, name = pair.rpartition(":")
@@ -40,11 +40,26 @@ def device_for_backend(backend: str, cuda_index: Optional[int] = None) -> torch.
             devices.add("cuda")
         else:
             raise ValueError(f"unknown process-group backend {backend!r}")
-    if "cpu" in devices:
+    return devices
+
+
+def device_for_backend(backend: str, cuda_index: Optional[int] = None) -> torch.device:
+    """Where a new tensor for a group with this backend goes (pure): the CPU when the backend takes CPU tensors,
+    else the current CUDA device ``cuda_index``."""
+    if "cpu" in backend_devices(backend):
         return torch.device("cpu")
     if cuda_index is None:
         raise ValueError(f"backend {backend!r} takes only CUDA tensors, but no CUDA device is current")
     return torch.device("cuda", cuda_index)
+
+
+def placement(tensor_device: torch.device, backend: str, cuda_index: Optional[int] = None) -> torch.device:
+    """Where a tensor on ``tensor_device`` goes for a group with this backend (pure): where it is when the backend
+    takes that device type (no host round trip for CUDA tensors on a ``cpu:gloo,cuda:nccl`` group), else
+    ``device_for_backend``."""
+    if torch.device(tensor_device).type in backend_devices(backend):
+        return torch.device(tensor_device)
+    return device_for_backend(backend, cuda_index)
 
 
 def device_for(group: Any = None) -> torch.device:
@@ -55,7 +70,9 @@ def device_for(group: Any = None) -> torch.device:
 
 
 def _placed(tensor: torch.Tensor, group: Any) -> torch.Tensor:
-    target = device_for(group)
+    config = dist.get_backend_config(group)
+    cuda = torch.cuda.current_device() if "cuda" in backend_devices(config) and torch.cuda.is_available() else None
+    target = placement(tensor.device, config, cuda)
     return tensor if tensor.device == target else tensor.to(target)
 
 
@@ -96,11 +113,14 @@ def send(tensor: torch.Tensor, dst: int, group: Any = None) -> None:
 
 def recv(shape, dtype: torch.dtype, src: int, group: Any = None, device: Optional[torch.device] = None
          ) -> torch.Tensor:
-    """Receive a ``shape``/``dtype`` tensor from global rank ``src``; returned on ``device`` (default: where the
-    group's backend put it)."""
-    buffer = torch.empty(tuple(shape), dtype=dtype, device=device_for(group))
-    dist.recv(buffer, src=src, group=group)
-    return buffer if device is None else buffer.to(device)
+    """Receive a ``shape``/``dtype`` tensor from global rank ``src``, on ``device``: the device type the sender
+    sends from (on a mixed group the two sides must use the same backend); default ``device_for(group)``."""
+    buffer = torch.empty(tuple(shape), dtype=dtype, device=device if device is not None else device_for(group))
+    placed = _placed(buffer, group)
+    dist.recv(placed, src=src, group=group)
+    if placed is not buffer:
+        buffer.copy_(placed)
+    return buffer
 
 
 # ----------------------------------------------------------------------------------------------- objects

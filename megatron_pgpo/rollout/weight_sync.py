@@ -147,7 +147,9 @@ def _send_bucket(bucket: Optional[List[NamedTensor]], dst: int, group, error: Op
         collectives.send(flat, dst, group)
 
 
-def _recv_bucket(src: int, group) -> Optional[List[NamedTensor]]:
+def _recv_bucket(src: int, group, device: torch.device) -> Optional[List[NamedTensor]]:
+    """The next bucket from ``src``, received on ``device``: where the sender's stage keeps its weights too (the
+    same device type on every rank), so a GPU run moves it over NCCL without a host copy."""
     from ..parallel import collectives
 
     meta = collectives.recv_object(src, group)
@@ -158,7 +160,7 @@ def _recv_bucket(src: int, group) -> Optional[List[NamedTensor]]:
     dtypes = [getattr(torch, d) for _, _, d in meta]
     sizes = [int(torch.Size(shape).numel()) * torch.empty((), dtype=dt).element_size()
              for (_, shape, _), dt in zip(meta, dtypes)]
-    flat = collectives.recv((sum(sizes),), torch.uint8, src, group)
+    flat = collectives.recv((sum(sizes),), torch.uint8, src, group, device=device)
     out = []
     for (name, shape, _), dt, part in zip(meta, dtypes, flat.split(sizes)):
         out.append((name, part.view(dt).reshape(shape)))
@@ -194,8 +196,9 @@ def iter_full_model_hf_tensors(model, bucket_bytes: int = DEFAULT_BUCKET_BYTES, 
                     pass
         elif owner:
             src = dist.get_global_rank(pp_group, stage)
+            device = next(model.parameters()).device
             while True:
-                bucket = _recv_bucket(src, pp_group)
+                bucket = _recv_bucket(src, pp_group, device)
                 if bucket is None:
                     break
                 yield from bucket

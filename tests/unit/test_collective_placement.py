@@ -107,6 +107,19 @@ def test_device_for_backend(backend, cuda_index, expected):
     assert device_for_backend(backend, cuda_index) == torch.device(expected)
 
 
+@pytest.mark.parametrize("tensor_device, backend, expected", [
+    ("cuda:2", "cpu:gloo,cuda:nccl", "cuda:2"),  # weights and activations stay on the GPU: NCCL, no host copy
+    ("cpu", "cpu:gloo,cuda:nccl", "cpu"),        # control tensors stay on the CPU: gloo
+    ("cpu", "cuda:nccl", "cuda:1"),              # NCCL only: moved to the current device
+    ("cpu", "cpu:gloo,cuda:gloo", "cpu"),
+    ("meta", "cpu:gloo,cuda:gloo", "cpu"),       # a device type the backend does not take: its preferred one
+])
+def test_placement_keeps_a_tensor_where_the_backend_takes_it(tensor_device, backend, expected):
+    from megatron_pgpo.parallel.collectives import placement
+
+    assert placement(torch.device(tensor_device), backend, cuda_index=1) == torch.device(expected)
+
+
 def test_nccl_only_without_a_current_cuda_device_is_an_error():
     from megatron_pgpo.parallel.collectives import device_for_backend
 
