@@ -53,11 +53,17 @@ def _optimizer_tensors(optimizer) -> Iterator[torch.Tensor]:
                         yield state[key]
 
 
-def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
-    copy = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu",
-                       pin_memory=tensor.is_cuda and torch.cuda.is_available())
-    copy.copy_(tensor, non_blocking=True)
-    return copy
+def _host_copy(tensor: torch.Tensor, owner) -> torch.Tensor:
+    """``tensor``'s values in host memory (pinned for a CUDA tensor), in a buffer kept on ``owner`` and reused by
+    the next offload: pinning tens of GB every step would cost more than the copy."""
+    host = getattr(owner, "_pgpo_host_copy", None)
+    if host is None or host.shape != tensor.shape or host.dtype != tensor.dtype:
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu",
+                           pin_memory=tensor.is_cuda and torch.cuda.is_available())
+        owner._pgpo_host_copy = host
+    if host.data_ptr() != tensor.data_ptr():  # on the CPU an optimizer tensor may already live in it
+        host.copy_(tensor, non_blocking=True)
+    return host
 
 
 @torch.no_grad()
@@ -66,14 +72,14 @@ def offload(model, optimizer) -> dict:
     saved = {"buffers": [], "tensors": []}
     for buffer in _ddp_buffers(model):
         data = buffer.param_data
-        saved["buffers"].append((buffer, _host_copy(data), data.untyped_storage().size(),
+        saved["buffers"].append((buffer, _host_copy(data, buffer), data.untyped_storage().size(),
                                  buffer.grad_data.untyped_storage().size()))
     for buffer, _, _, _ in saved["buffers"]:
         buffer.param_data.untyped_storage().resize_(0)
         buffer.grad_data.untyped_storage().resize_(0)
     for tensor in _optimizer_tensors(optimizer):
         saved["tensors"].append((tensor, tensor.device))
-        tensor.data = _host_copy(tensor.data)
+        tensor.data = _host_copy(tensor.data, tensor)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     gc.collect()
