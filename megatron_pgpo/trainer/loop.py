@@ -216,8 +216,10 @@ class Trainer:
         return self.rollouts.sync(self.policy.module, self.cfg.model.transformer_impl)
 
     def evaluate(self, limit: Optional[int] = None) -> float:
-        """Greedy held-out accuracy (fraction of prompts answered correctly)."""
-        return self.rollouts.evaluate(self.val_dataset, limit)
+        """Greedy held-out accuracy (fraction of prompts answered correctly). The engine generates, so the training
+        state waits in host memory meanwhile, as during rollouts (``trainer.offload_during_rollout``)."""
+        with offloaded(self.policy.model, self.policy.optimizer, self.cfg.trainer.offload_during_rollout):
+            return self.rollouts.evaluate(self.val_dataset, limit)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
