@@ -98,8 +98,6 @@ def init_rank(cfg: Config, rank: int, world_size: int, master_addr: str, master_
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
     binding = bind(cfg.parallel.device, rank if local_rank is None else local_rank, local_world_size,
                    shared_visible=shared_visible)
-    if local_world_size is not None:
-        os.environ["LOCAL_WORLD_SIZE"] = str(local_world_size)  # read again where the engine is placed
     if binding.on_cuda:  # refuse a layout that cannot host its engines before any process group or model exists
         from ..parallel.placement import engine_visible_devices
 

@@ -34,18 +34,15 @@ def _ddp_buffers(model) -> List:
     return [b for attr in ("buffers", "expert_parallel_buffers") for b in (getattr(model, attr, None) or [])]
 
 
-def _inner_optimizers(optimizer) -> List:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
 def _optimizer_tensors(optimizer) -> Iterator[torch.Tensor]:
     """The optimizer's own tensors: fp32 master shards of 16-bit parameters and Adam's moments."""
-    for opt in _inner_optimizers(optimizer):
+    from .checkpoint import _inner_optimizers  # the one walk of a (chained) Megatron optimizer
+
+    for opt, inner in _inner_optimizers(optimizer):
         # master copies of 16-bit parameters: the distributed optimizer's shards, or the plain optimizer's
         for attr in ("shard_fp32_from_float16_groups", "fp32_from_float16_groups"):
             for group in getattr(opt, attr, None) or []:
                 yield from group
-        inner = getattr(opt, "optimizer", None)
         if inner is not None:
             for state in inner.state.values():
                 for key in ("exp_avg", "exp_avg_sq"):

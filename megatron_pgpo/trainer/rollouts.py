@@ -73,6 +73,8 @@ class Rollouts:
             from ..parallel.placement import engine_visible_devices
             from ..rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
 
+            # ranks per node from torchrun / Slurm; our local spawn sets none, and its ranks (one node, no more than
+            # the visible GPUs) are placed right by the visible GPU count
             visible = None if on_cpu else engine_visible_devices(
                 p.tensor_model_parallel_size, p.pipeline_model_parallel_size, self.dp, p.rollout_tensor_parallel_size,
                 self.dp_rank, local_world_size_from_env())
