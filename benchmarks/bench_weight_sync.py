@@ -8,6 +8,9 @@ engine (the deployment ``rollout.vllm_engine`` documents) starts from it. Then, 
 is timed (best of ``--repeats``) while a sampler thread records the RSS of this process and of the engine's
 processes every 2 ms: "extra" is the peak minus the RSS just before the sync. The reference is one safetensors
 ``save_file`` + ``load_file`` of the same HF tensors in a temp dir (page cache warm): ``ratio`` = sync / (save+load).
+``GB/s`` is the model's HF bytes over the sync time, for the transport the engine used (``cuda_ipc.resolve_transport``:
+safetensors bytes on this CPU machine; on a GPU node with CUDA vLLM the same script measures the CUDA IPC path, and
+``tools/gpu_check.sh`` check (g) measures the IPC transport alone, without vLLM).
 Timings on a shared 2-core machine are noisy; compare rows of one run.
 """
 from __future__ import annotations
@@ -112,6 +115,7 @@ def main() -> None:
 
     from megatron_pgpo.compat.megatron_cpu import init_cpu_distributed
     from megatron_pgpo.rollout.check_sync import load_megatron
+    from megatron_pgpo.rollout.cuda_ipc import resolve_transport
     from megatron_pgpo.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
     from megatron_pgpo.rollout.weight_sync import iter_full_model_hf_tensors, sync_weights
 
@@ -134,6 +138,8 @@ def main() -> None:
         engine = VLLMEngine(VLLMEngineConfig(model_path=str(ckpt), run_dir=str(root / "run"), max_model_len=256,
                                              kv_cache_memory_bytes=32 << 20))
         engine.start()
+        transport = resolve_transport(engine.config.weight_transport, engine.config.multiprocess,
+                                      next(model.parameters()).device.type)
         pids = [os.getpid()] + engine_pids()
         for bucket_mb in args.bucket_mb:
             engine.config.bucket_bytes = max(1, int(bucket_mb * 2**20))
@@ -147,17 +153,19 @@ def main() -> None:
                     best = seconds
                 mem = sampler.extra_mib()
                 extra = mem if extra is None else [max(a, b) for a, b in zip(extra, mem)]
-            rows.append((hidden, n_params / 1e6, model_mib, bucket_mb, best, ref, best / ref, extra[0], max(extra[1:])))
+            rows.append((hidden, n_params / 1e6, model_mib, bucket_mb, best, model_mib * 2**20 / best / 1e9, ref,
+                         best / ref, extra[0], max(extra[1:])))
             print(f"hidden {hidden}: bucket {bucket_mb} MiB: sync {best:.3f} s", flush=True)
         engine.shutdown()
         del model
-    header = (f"{'hidden':>6} {'params M':>8} {'MiB':>7} {'bucket MiB':>10} {'sync s':>7} {'save+load s':>11} "
-              f"{'ratio':>6} {'trainer +MiB':>12} {'engine +MiB':>11}")
+    header = (f"{'hidden':>6} {'params M':>8} {'MiB':>7} {'bucket MiB':>10} {'sync s':>7} {'GB/s':>6} "
+              f"{'save+load s':>11} {'ratio':>6} {'trainer +MiB':>12} {'engine +MiB':>11}")
     print("\n" + header + "\n" + "-" * len(header))
-    for hidden, params, mib, bucket, sync_s, ref_s, ratio, trainer_mib, engine_mib in rows:
-        print(f"{hidden:>6} {params:>8.2f} {mib:>7.1f} {bucket:>10g} {sync_s:>7.3f} {ref_s:>11.3f} {ratio:>6.2f} "
-              f"{trainer_mib:>12.1f} {engine_mib:>11.1f}")
-    print(f"\ntorch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs; engine: multiprocess vLLM, fp32")
+    for hidden, params, mib, bucket, sync_s, gbps, ref_s, ratio, trainer_mib, engine_mib in rows:
+        print(f"{hidden:>6} {params:>8.2f} {mib:>7.1f} {bucket:>10g} {sync_s:>7.3f} {gbps:>6.2f} {ref_s:>11.3f} "
+              f"{ratio:>6.2f} {trainer_mib:>12.1f} {engine_mib:>11.1f}")
+    print(f"\ntorch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs; engine: multiprocess vLLM, fp32; "
+          f"transport: {transport}")
 
 
 if __name__ == "__main__":

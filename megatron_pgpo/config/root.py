@@ -44,6 +44,10 @@ class Config(Section):
             "rollout.engine=transformers runs in one process on its owner's device: set "
             f"parallel.rollout_tensor_parallel_size=1 (got {self.parallel.rollout_tensor_parallel_size})",
         )
+        require(
+            self.rollout.weight_transport != "cuda_ipc" or self.parallel.device != "cpu",
+            "rollout.weight_transport=cuda_ipc shares GPU buffers, but parallel.device=cpu: use bytes or auto",
+        )
         responses_per_update = self.trainer.global_batch_size * self.rollout.n
         require(
             responses_per_update % self.trainer.micro_batch_size == 0,

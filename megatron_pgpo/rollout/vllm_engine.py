@@ -15,8 +15,9 @@ Deployment (decided from what docs/stack.md measured next to gloo training ranks
 
 Weight updates (``update_weights``): HF-named full tensors, packed into buckets that never split a fused group
 (``weight_sync.iter_buckets``), each sent with ``collective_rpc("pgpo_load_bucket")`` to the worker extension in
-``vllm_worker.py`` (safetensors bytes in multiprocess mode, tensors in-process), which calls vLLM's
-``reload_weights``; then a commit that checks every expected tensor arrived, and the prefix + encoder caches are
+``vllm_worker.py``, which calls vLLM's ``reload_weights``. A bucket travels as the tensors themselves in-process,
+as a CUDA IPC handle of the owner's GPU buffer when the tensors are on a GPU (``cuda_ipc.py``: no host copy), and
+as safetensors bytes otherwise (``weight_transport``); then a commit that checks every expected tensor arrived, and the prefix + encoder caches are
 reset. Failure policy: **mark unusable, rebuild**. Any exception (in the producer, the transport, the worker, a
 count/CRC mismatch, an incomplete set) leaves ``usable`` False, and ``generate`` raises ``EngineUnusable``; the
 engine is never rolled back in place. The next complete ``update_weights`` makes it usable again; if a reload
@@ -48,6 +49,7 @@ import torch
 
 from .engine import (EngineUnusable, RolloutOutput, RolloutRequest, SamplingConfig, VersionedEngine,
                      WeightUpdateError, expected_weight_names)
+from .cuda_ipc import pack_bucket, resolve_transport, share
 from .weight_sync import DEFAULT_BUCKET_BYTES, iter_buckets
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,8 @@ class VLLMEngineConfig:
     bucket_bytes: weight update bucket size (fused groups are never split).
     logprobs_mode: vLLM's ``logprobs_mode``: ``raw_logprobs`` = the model's log-softmax, before temperature.
     rpc_timeout_s: limit of one weight-update RPC.
+    weight_transport: how a bucket reaches a multiprocess engine (``cuda_ipc.resolve_transport``): ``auto`` (CUDA
+        IPC for tensors on a GPU, else bytes), ``bytes`` or ``cuda_ipc``.
     max_model_len: prompt + response tokens the engine accepts (the trainer sets data.max_prompt_length +
         rollout.max_new_tokens).
     enforce_eager: no CUDA graphs (CPU: required; CUDA: off by default, graphs are much faster for decoding).
@@ -127,6 +131,7 @@ class VLLMEngineConfig:
     sleep_level: int = 2
     log_level: str = "WARNING"
     rpc_timeout_s: float = 600.0
+    weight_transport: str = "auto"
 
 
 class VLLMEngine(VersionedEngine):
@@ -301,12 +306,18 @@ class VLLMEngine(VersionedEngine):
     def _rpc(self, method: str, *args: Any) -> List[Any]:
         return self.llm.collective_rpc(method, timeout=self.config.rpc_timeout_s, args=args)
 
-    def _encode(self, bucket: List[Tuple[str, torch.Tensor]]):
-        if not self.config.multiprocess:
-            return [(name, tensor.detach()) for name, tensor in bucket]
+    def _encode(self, bucket: List[Tuple[str, torch.Tensor]]) -> Tuple[Any, Any]:
+        """(payload for ``pgpo_load_bucket``, what must stay alive until its RPC returns)."""
+        transport = resolve_transport(self.config.weight_transport, self.config.multiprocess,
+                                      bucket[0][1].device.type)
+        if transport == "objects":
+            return [(name, tensor.detach()) for name, tensor in bucket], None
+        if transport == "cuda_ipc":
+            flat, layout = pack_bucket(bucket)
+            return {"cuda_ipc": share(flat), "meta": layout}, flat
         from safetensors.torch import save
 
-        return save({name: tensor.detach().contiguous() for name, tensor in bucket})
+        return save({name: tensor.detach().contiguous() for name, tensor in bucket}), None
 
     def update_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> int:
         """Load a complete set of HF-named full tensors as one transaction; returns the new weight version.
@@ -321,12 +332,13 @@ class VLLMEngine(VersionedEngine):
         with self._update_transaction() as version:  # from the first byte until the commit, weights may be mixed
             self._rpc("pgpo_begin_update", version)
             for bucket in iter_buckets(named_tensors, self.config.bucket_bytes):
-                payload = self._encode(bucket)
+                payload, keep_alive = self._encode(bucket)
                 try:
                     replies = self._rpc("pgpo_load_bucket", version, payload)
                 except BaseException:
                     self.needs_restart = True  # a reload that raised may leave parameters on the meta device
                     raise
+                del keep_alive  # the workers synchronised before replying: the shared buffer may go
                 crc = zlib.crc32(payload) if isinstance(payload, (bytes, bytearray)) else None
                 for count, worker_crc in replies:
                     if count != len(bucket) or worker_crc != crc:

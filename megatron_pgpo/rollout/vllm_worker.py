@@ -5,9 +5,10 @@ class and ``collective_rpc("pgpo_...")`` calls them by name (no pickled callable
 ``VLLM_ALLOW_INSECURE_SERIALIZATION``). Each update is a small transaction with a version handshake:
 
     pgpo_begin_update(v)                  every later call must carry v; the worker forgets what it received
-    pgpo_load_bucket(v, payload) x N      payload: safetensors bytes (multiprocess) or [(name, tensor)] (in-process);
+    pgpo_load_bucket(v, payload) x N      payload: safetensors bytes, a CUDA IPC handle of the owner's GPU buffer
+                                          (``cuda_ipc.py``) or [(name, tensor)] (in-process);
                                           ``self.reload_weights`` loads it (vLLM fuses/shards the HF tensors);
-                                          returns (names received, CRC32 of the bytes) for the driver to check
+                                          returns (names received, CRC32 of the bytes, None for the other two)
     pgpo_commit(v, expected_names)        succeeds only if every expected name arrived in this transaction; then
                                           the worker's committed version becomes v
 
@@ -21,15 +22,20 @@ from __future__ import annotations
 import zlib
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-Payload = Union[bytes, List[Tuple[str, "object"]]]
+Payload = Union[bytes, Dict[str, "object"], List[Tuple[str, "object"]]]
 
 
-def decode_payload(payload: Payload):
-    """``[(name, tensor)]`` from safetensors bytes or an in-process list."""
+def decode_payload(payload: Payload, device=None):
+    """``[(name, tensor)]`` from safetensors bytes, a ``cuda_ipc`` payload (opened on ``device``, the worker's GPU)
+    or an in-process list."""
     if isinstance(payload, (bytes, bytearray, memoryview)):
         from safetensors.torch import load
 
         return list(load(bytes(payload)).items())
+    if isinstance(payload, dict):
+        from .cuda_ipc import open_bucket
+
+        return open_bucket(payload, device)
     return list(payload)
 
 
@@ -49,13 +55,31 @@ class _BufferOnlyReloadFilter:
         return record.args[0] not in BUFFER_ONLY_MODULES
 
 
-def quiet_buffer_only_reload_warnings() -> None:
-    """Install the filter on vLLM's layerwise reload logger (idempotent)."""
+class _PartialBucketFilter:
+    """Drops vLLM's "Following weights were not loaded from checkpoint" after each ``reload_weights``: an update
+    arrives in buckets, so every bucket but a whole-model one leaves most weights for later calls (measured: with
+    16 MiB buckets each sync logged one such line per bucket, naming nearly every tensor). Completeness is checked
+    once, where it means something: ``pgpo_commit`` refuses an update whose expected names did not all arrive."""
+
+    def filter(self, record) -> bool:
+        return record.msg != "Following weights were not loaded from checkpoint: %s"
+
+
+#: logger name -> the filter it gets (vLLM's reload modules).
+_RELOAD_FILTERS = {
+    "vllm.model_executor.model_loader.reload.layerwise": _BufferOnlyReloadFilter,
+    "vllm.model_executor.model_loader.reload.inplace": _PartialBucketFilter,
+}
+
+
+def quiet_bucketed_reload_warnings() -> None:
+    """Install the filters on vLLM's reload loggers (idempotent)."""
     import logging
 
-    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    if not any(isinstance(f, _BufferOnlyReloadFilter) for f in logger.filters):
-        logger.addFilter(_BufferOnlyReloadFilter())
+    for name, cls in _RELOAD_FILTERS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, cls) for f in logger.filters):
+            logger.addFilter(cls())
 
 
 class PGPOWorkerExtension:
@@ -66,7 +90,7 @@ class PGPOWorkerExtension:
         if state is None:
             state = {"version": 0, "pending": None, "received": set()}
             self._pgpo = state
-            quiet_buffer_only_reload_warnings()
+            quiet_bucketed_reload_warnings()
         return state
 
     def pgpo_begin_update(self, version: int) -> int:
@@ -79,8 +103,12 @@ class PGPOWorkerExtension:
         if state["pending"] != version:
             raise RuntimeError(f"bucket for weight version {version} but the open update is {state['pending']}")
         crc = zlib.crc32(payload) if isinstance(payload, (bytes, bytearray)) else None
-        named = decode_payload(payload)
+        named = decode_payload(payload, getattr(self, "device", None))
         self.reload_weights(weights_iterator=named)
+        if isinstance(payload, dict):  # the owner frees the shared buffer when this returns: finish reading it first
+            import torch
+
+            torch.cuda.current_stream().synchronize()
         state["received"].update(name for name, _ in named)
         return len(named), crc
 

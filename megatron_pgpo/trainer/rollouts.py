@@ -85,7 +85,7 @@ class Rollouts:
                 enable_sleep_mode=not on_cpu if r.sleep_mode is None else r.sleep_mode,
                 kv_cache_memory_bytes=r.kv_cache_memory_bytes if on_cpu else None,
                 gpu_memory_utilization=r.gpu_memory_utilization, seed=self.cfg.trainer.seed,
-                bucket_bytes=r.weight_sync_bucket_mb << 20))
+                bucket_bytes=r.weight_sync_bucket_mb << 20, weight_transport=r.weight_transport))
         engine.start()
         return engine
 

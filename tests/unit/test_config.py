@@ -58,6 +58,8 @@ def test_yaml_round_trip(tmp_path):
         (["model.dtype=fp64"], "model.dtype='fp64' is not valid; choose one of"),
         (["logging.wandb=yes please"], "logging.wandb must be true or false"),
         (["novalue"], "must look like section.key=value"),
+        (["rollout.weight_transport=cuda_ipc", "parallel.device=cpu"], "cuda_ipc shares GPU buffers"),
+        (["rollout.weight_transport=nccl"], "rollout.weight_transport='nccl' is not valid"),
     ],
 )
 def test_bad_values_raise_with_the_key_and_a_fix(overrides, message):
