@@ -18,6 +18,11 @@ generates, training keeps its weights, gradients and optimizer state on the GPU 
 ``trainer.offload_during_rollout`` moves them to host memory. Without sleep mode both are resident together and
 training has ``(1 - gpu_memory_utilization) x GPU memory`` minus the reserve.
 
+Between the two, the weight sync: training's state is back on the GPU, the engine has woken its weights (not yet
+its KV cache), and the engine owner (stage 0) holds the sync's transient buffers: one bucket of gathered full HF
+tensors and its packed copy shared with vLLM by CUDA IPC (``rollout/cuda_ipc.py``), a bucket at least the size of
+the largest fused group (the embedding). ``sync_headroom`` checks that phase.
+
 The vLLM engine runs on the GPUs of stage 0's TP rank 0 and its rollout-TP peers; every GPU is charged for it,
 which is exact for those and conservative for the rest.
 """
@@ -78,6 +83,7 @@ class Layout:
     last_stage_layers: Optional[int] = None  # parallel.last_stage_layers
     sleep_mode: bool = True  # rollout.sleep_mode: the engine frees its share while training runs
     offload_during_rollout: bool = False  # trainer.offload_during_rollout: training state in host memory meanwhile
+    weight_sync_bucket_mb: int = 512  # rollout.weight_sync_bucket_mb
 
     @property
     def gpus(self) -> int:
@@ -122,6 +128,7 @@ class RolloutMemory:
     kv_needed: int  # the engine's whole rollout step at once
     kv_pool: int  # budget - weights (negative: the weights alone do not fit)
     sequence_tokens: int
+    sync_buffers: int  # the engine owner's weight-sync transient: a bucket of full tensors and its packed copy
 
     @property
     def one_sequence(self) -> int:
@@ -170,6 +177,13 @@ class MemoryPlan:
         return self.gpu_memory - self.reserve - self.rollout.budget - kept
 
     @property
+    def sync_headroom(self) -> int:
+        """During a weight sync, on the engine owner's GPU (stage 0): the GPU minus the reserve, the engine's woken
+        weights (its whole share without sleep mode), the training state and the sync buffers."""
+        engine = self.rollout.weights if self.layout.sleep_mode else self.rollout.budget
+        return self.gpu_memory - self.reserve - engine - self.stages[0].state - self.rollout.sync_buffers
+
+    @property
     def peak_stage(self) -> StageMemory:
         return max(self.stages, key=lambda s: s.peak)
 
@@ -180,8 +194,18 @@ class MemoryPlan:
 
     @property
     def headroom(self) -> int:
-        """The smaller of the training and the rollout headroom (negative: over by that much)."""
-        return min(self.training_headroom, self.rollout_headroom)
+        """The smallest of the training, rollout and sync headroom (negative: over by that much)."""
+        return min(self.training_headroom, self.rollout_headroom, self.sync_headroom)
+
+    @property
+    def limit(self) -> str:
+        """Where the headroom is smallest, in words: the phase and the stage."""
+        phases = [(self.training_headroom, f"while training, on stage {self.peak_stage.stage}")]
+        if self.layout.sleep_mode:
+            kept = max(self.stages, key=self.kept_during_rollout)
+            phases.append((self.rollout_headroom, f"while vLLM generates, on stage {kept.stage}"))
+        phases.append((self.sync_headroom, "during the weight sync, on stage 0"))
+        return min(phases, key=lambda phase: phase[0])[1]
 
     @property
     def fits(self) -> bool:
@@ -208,9 +232,10 @@ def rollout_memory(shape: ModelShape, layout: Layout, workload: Workload, gpu_me
     sequences = math.ceil(workload.rollout_batch_size / layout.dp) * workload.n
     budget = int(gpu_memory * gpu_memory_utilization)
     weights = math.ceil(hf_parameter_count(shape) * 2 / rtp)
+    bucket = max(layout.weight_sync_bucket_mb << 20, t.vocab_size * t.hidden_size * 2)  # a group is never split
     return RolloutMemory(budget=budget, weights=weights, kv_bytes_per_token=kv_per_token,
                          kv_needed=sequences * workload.seq_length * kv_per_token, kv_pool=budget - weights,
-                         sequence_tokens=workload.seq_length)
+                         sequence_tokens=workload.seq_length, sync_buffers=2 * bucket)
 
 
 def stage_memory(shape: ModelShape, layout: Layout, workload: Workload, stage: int,
@@ -288,6 +313,13 @@ def estimate(shape: ModelShape, layout: Layout, workload: Workload, gpu_memory_g
             + ("give vLLM a smaller share" if layout.offload_during_rollout else
                "offload the training state during rollouts (trainer.offload_during_rollout) or give vLLM a smaller "
                "share"))
+    if plan.sync_headroom < 0 and plan.rollout_headroom >= 0 and plan.training_headroom >= 0:
+        engine = "weights" if layout.sleep_mode else "share"
+        plan.problems.append(
+            f"during the weight sync stage 0 holds its training state {_gib(stages[0].state)}, the engine's "
+            f"{engine} {_gib(rollout.weights if layout.sleep_mode else rollout.budget)} and the sync buffers "
+            f"{_gib(rollout.sync_buffers)}: {_gib(-plan.sync_headroom)} over {gpu_memory_gib:g} GiB - "
+            f"{reserve_gib:g} GiB reserve; use a smaller rollout.weight_sync_bucket_mb or more GPUs")
     if rollout.waves is None:
         need = rollout.weights + rollout.one_sequence
         plan.problems.append(

@@ -53,6 +53,7 @@ class Options:
     last_stage_layers: Optional[int] = None
     sleep_mode: bool = True
     offload_during_rollout: bool = False
+    weight_sync_bucket_mb: int = 512
 
 
 @dataclass
@@ -146,7 +147,8 @@ def _plan_split(shape: ModelShape, workload: Workload, options: Options, tp: int
                   make_vocab_size_divisible_by=options.make_vocab_size_divisible_by,
                   vision_attention=options.vision_attention, vision_recompute=options.vision_recompute,
                   sleep_mode=options.sleep_mode, offload_during_rollout=options.offload_during_rollout,
-                  first_stage_layers=first, last_stage_layers=last)
+                  first_stage_layers=first, last_stage_layers=last,
+                  weight_sync_bucket_mb=options.weight_sync_bucket_mb)
     mem = dict(gpu_memory_gib=options.gpu_memory_gib, gpu_memory_utilization=options.gpu_memory_utilization,
                reserve_gib=options.reserve_gib)
     if options.rollout_tp is not None:

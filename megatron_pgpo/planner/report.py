@@ -33,7 +33,8 @@ def plan_to_dict(plan: MemoryPlan) -> Dict[str, Any]:
         "layout": asdict(plan.layout), "workload": asdict(plan.workload), "gpus": plan.layout.gpus,
         "gpu_memory_bytes": plan.gpu_memory, "gpu_memory_utilization": plan.gpu_memory_utilization,
         "reserve_bytes": plan.reserve, "training_budget_bytes": plan.training_budget,
-        "rollout_headroom_bytes": plan.rollout_headroom,
+        "rollout_headroom_bytes": plan.rollout_headroom, "sync_headroom_bytes": plan.sync_headroom,
+        "limit": plan.limit,
         "micro_batches_per_update": plan.micro_batches_per_update, "stages": stages,
         "peak_stage": plan.peak_stage.stage, "peak_bytes": plan.peak_stage.peak, "headroom_bytes": plan.headroom,
         "rollout": {**asdict(r), "one_sequence_kv": r.one_sequence, "waves": r.waves},
@@ -102,6 +103,8 @@ def _stage_table(plan: MemoryPlan, title: str):
     else:
         table.add_row("training budget (rest - reserve)", *([_gib(plan.training_budget)] * len(plan.stages)))
         table.add_row("headroom", *(_gib(plan.training_budget - s.peak) for s in plan.stages), style="bold")
+    sync = [_gib(plan.sync_headroom)] + ["-"] * (len(plan.stages) - 1)  # the engine owner is on stage 0
+    table.add_row(f"headroom during the weight sync (+ buffers {_gib(r.sync_buffers)})", *sync, style="bold")
     return table
 
 
@@ -148,7 +151,7 @@ def print_report(rec: Recommendation, shape: ModelShape, model_name: str, consol
     console.print(_stage_table(detail, title))
     if rec.best is not None:
         console.print(f"[green]fits[/]: recommended micro-batch {rec.micro_batch_size}, "
-                      f"headroom {_gib(rec.best.headroom)} GiB on stage {rec.best.peak_stage.stage}")
+                      f"headroom {_gib(rec.best.headroom)} GiB {rec.best.limit}")
     for note in rec.notes:
         console.print(f"[yellow]note[/]: {escape(note)}")
     for line in rec.suggestions:

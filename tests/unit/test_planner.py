@@ -220,7 +220,19 @@ def test_memory_plan_by_hand(shapes):
     # its share and the training state kept on the GPU must fit together; offloaded, nothing of training stays
     assert plan.training_budget == 78 * GIB
     assert plan.rollout_headroom == 78 * GIB - 40 * GIB - max(s.state for s in plan.stages)
-    assert plan.headroom == min(plan.training_headroom, plan.rollout_headroom)
+    # the weight sync: stage 0's state, the engine's woken weights, a bucket (at least the 8192 x 152064 bf16
+    # embedding, a group of its own) twice: gathered and packed for CUDA IPC
+    assert plan.rollout.sync_buffers == 2 * 152064 * 8192 * 2
+    assert plan.sync_headroom == 78 * GIB - plan.rollout.weights - plan.stages[0].state - plan.rollout.sync_buffers
+    assert plan.headroom == min(plan.training_headroom, plan.rollout_headroom, plan.sync_headroom)
+    assert plan.limit == "while training, on stage 0" and plan.headroom == plan.training_headroom  # the vision tower
+    small = estimate(shapes["3b"], replace(layout, tp=1, pp=1, dp=2, rollout_tp=1, sequence_parallel=False,
+                                           weight_sync_bucket_mb=4096), work, gpu_memory_gib=80)
+    assert small.rollout.sync_buffers == 2 * 4096 * 2**20
+    huge = estimate(shapes["3b"], replace(small.layout, weight_sync_bucket_mb=60000, offload_during_rollout=True), work,
+                    gpu_memory_gib=80)
+    assert huge.sync_headroom < 0 and not huge.fits and huge.limit == "during the weight sync, on stage 0"
+    assert any("during the weight sync" in p and "weight_sync_bucket_mb" in p for p in huge.problems), huge.problems
     offloaded = estimate(shapes["72b"], replace(layout, offload_during_rollout=True), work, gpu_memory_gib=80)
     assert offloaded.rollout_headroom == 38 * GIB and offloaded.training_budget == 78 * GIB
     awake = estimate(shapes["72b"], replace(layout, sleep_mode=False), work, gpu_memory_gib=80)
