@@ -151,6 +151,12 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     return visualize_command(args.run_dir, args.out, steps, args.max_responses, png=not args.no_png)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation.command import run_eval
+
+    return run_eval(args)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from .planner.command import run_plan
 
@@ -288,6 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="responses shown token by token (default 24); the histogram covers all")
     p.add_argument("--no-png", action="store_true", help="write only the HTML page (no matplotlib needed)")
     p.set_defaults(func=cmd_visualize)
+
+    from .evaluation.command import DESCRIPTION as EVAL_DESCRIPTION
+    from .evaluation.command import add_arguments as add_eval_arguments  # argparse only; no torch import
+
+    p = sub.add_parser(
+        "eval",
+        help="benchmark a checkpoint with the paper's protocol (avg@k at a temperature over named benchmarks)",
+        description=EVAL_DESCRIPTION,
+    )
+    add_eval_arguments(p)
+    p.set_defaults(func=cmd_eval)
 
     from .planner.command import add_arguments as add_plan_arguments  # argparse only; no torch import
 

@@ -13,9 +13,10 @@ import torch
 INSTRUCTION = "Think inside <think> </think> , then give the final answer in \\boxed{} ."
 
 
-def messages_for(question: str) -> List[Dict[str, Any]]:
+def messages_for(question: str, instruction: str = INSTRUCTION) -> List[Dict[str, Any]]:
     """One user turn with the image first, then the question and the answer-format instruction."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"{question} {INSTRUCTION}"}]}]
+    text = f"{question} {instruction}" if instruction else question
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
 
 @dataclass
@@ -81,7 +82,7 @@ class PromptLength:
     """Tokens of an example's prompt as the engine will see it: the chat template's text tokens with the image
     placeholder expanded to the processor's image-token count (computed from the image size, no pixel work)."""
 
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: str, instruction: str = INSTRUCTION):
         from ..compat.torchvision_ops import ensure_torchvision_importable
 
         ensure_torchvision_importable()  # AutoImageProcessor may reach for torchvision (docs/stack.md)
@@ -90,9 +91,10 @@ class PromptLength:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.processor = AutoImageProcessor.from_pretrained(model_path)
         self.merge = getattr(self.processor, "merge_size", 2)
+        self.instruction = instruction
 
     def __call__(self, example) -> int:
-        text = self.tokenizer.apply_chat_template(messages_for(example.question), tokenize=False,
+        text = self.tokenizer.apply_chat_template(messages_for(example.question, self.instruction), tokenize=False,
                                                   add_generation_prompt=True)
         n_text = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         width, height = example.image.size
