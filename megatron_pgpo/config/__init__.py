@@ -7,10 +7,10 @@ from .base import ConfigError, field_docs
 from .loader import apply_overrides, describe, from_dict, load_config, to_dict, to_yaml
 from .model import ModelConfig, ParallelConfig, RolloutConfig
 from .root import Config
-from .run import CheckpointConfig, DataConfig, LoggingConfig, RewardConfig, TrainerConfig
+from .run import CheckpointConfig, DataConfig, EvalConfig, LoggingConfig, RewardConfig, TrainerConfig
 
 __all__ = [
-    "AlgorithmConfig", "CheckpointConfig", "Config", "ConfigError", "DAPOConfig", "DataConfig", "KLConfig",
+    "AlgorithmConfig", "CheckpointConfig", "Config", "ConfigError", "DAPOConfig", "DataConfig", "EvalConfig", "KLConfig",
     "LoggingConfig", "ModelConfig", "PGPOConfig", "ParallelConfig", "RewardConfig", "RolloutConfig",
     "TrainerConfig", "apply_overrides", "describe", "field_docs", "from_dict", "load_config", "to_dict", "to_yaml",
 ]

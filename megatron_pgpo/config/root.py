@@ -7,7 +7,7 @@ from typing import ClassVar
 from .algorithm import AlgorithmConfig
 from .base import Section, require
 from .model import ModelConfig, ParallelConfig, RolloutConfig
-from .run import CheckpointConfig, DataConfig, LoggingConfig, RewardConfig, TrainerConfig
+from .run import CheckpointConfig, DataConfig, EvalConfig, LoggingConfig, RewardConfig, TrainerConfig
 
 
 @dataclass
@@ -28,6 +28,8 @@ class Config(Section):
     """Verifiable reward: accuracy and format weights, answer-checking limits."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     """The training loop: steps, batch sizes, optimizer."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation during training: benchmarks (or the held-out set), samples per problem, temperature."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Console, TensorBoard, wandb and metrics.jsonl."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

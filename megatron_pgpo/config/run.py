@@ -1,8 +1,8 @@
 """Config sections for data, rewards, the training loop, logging and checkpoints."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Literal, Optional
+from dataclasses import dataclass, field
+from typing import ClassVar, List, Literal, Optional
 
 from .base import Section, require, require_positive
 
@@ -106,7 +106,7 @@ class TrainerConfig(Section):
     run_dir: str = "runs/tiny-pgpo"
     """Where checkpoints, metrics.jsonl, TensorBoard logs and exports go."""
     eval_every: int = 50
-    """Held-out evaluation every this many steps (0: only at the end)."""
+    """Evaluation (the ``eval`` section) every this many steps (0: only at the end)."""
 
     def validate(self) -> None:
         for name in ("total_steps", "global_batch_size", "micro_batch_size", "ppo_epochs"):
@@ -168,3 +168,35 @@ class CheckpointConfig(Section):
     def validate(self) -> None:
         require_positive("checkpoint.save_every", self.save_every, allow_zero=True)
         require_positive("checkpoint.keep_last", self.keep_last)
+
+
+@dataclass
+class EvalConfig(Section):
+    PATH: ClassVar[str] = "eval"
+
+    benchmarks: List[str] = field(default_factory=list)
+    """Benchmarks evaluated every trainer.eval_every steps, read from eval.data_dir (names: `megatron-pgpo eval
+    --list`); logged as eval/<name>/avg@<k>. Empty: data.val_path (or the synthetic task's held-out split) as one
+    benchmark named val."""
+    data_dir: Optional[str] = None
+    """Directory with one subdirectory of files per benchmark (as `megatron-pgpo eval --data-dir`)."""
+    k: int = 1
+    """Samples per problem (the paper: 8)."""
+    temperature: float = 0.0
+    """Sampling temperature (0: greedy; the paper: 1.0)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    limit: Optional[int] = None
+    """At most this many problems per benchmark (None: all)."""
+
+    def validate(self) -> None:
+        from ..evaluation.benchmarks import BENCHMARKS
+
+        unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
+        require(not unknown, f"eval.benchmarks: unknown {unknown}; valid: {', '.join(BENCHMARKS)}")
+        require(not self.benchmarks or bool(self.data_dir), "eval.benchmarks needs eval.data_dir")
+        require_positive("eval.k", self.k)
+        require(self.temperature >= 0, f"eval.temperature must be >= 0, got {self.temperature}")
+        require(0.0 < self.top_p <= 1.0, f"eval.top_p must be in (0, 1], got {self.top_p}")
+        if self.limit is not None:
+            require_positive("eval.limit", self.limit)

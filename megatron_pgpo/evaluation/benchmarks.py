@@ -300,5 +300,5 @@ def describe() -> List[Tuple[str, str, str]]:
 
 def problems_from_examples(examples: Sequence[Any], name: str = "val") -> List[Problem]:
     """A held-out set of training ``Example`` s (``data.val_path`` or the synthetic task) as a benchmark."""
-    return [Problem(uid=str(getattr(e, "uid", i)), question=e.question, image_ref=e.image, answer=e.answer,
+    return [Problem(uid=str(i), question=e.question, image_ref=e.image, answer=e.answer,
                     answer_type="free", task=name) for i, e in enumerate(examples)]

@@ -144,11 +144,12 @@ def rank_main(rank: int, cfg: Config, world_size: int, master_port: int, result_
     train, val = datasets_for(cfg)
     trainer = Trainer(cfg, train, val, device=device)
     try:
-        before = trainer.evaluate() if trainer.step == 0 and cfg.trainer.eval_every else None
+        before = trainer.evaluate().get("eval/accuracy") if trainer.step == 0 and cfg.trainer.eval_every else None
         last = trainer.run()
         # The loop's own evaluation of the final step, if it ran one, is the "after" number (no second pass).
         # After a preemption signal the grace time is for the checkpoint: no evaluation, no export.
-        after = last.get("eval/accuracy") if trainer.preempted or "eval/accuracy" in last else trainer.evaluate()
+        after = (last.get("eval/accuracy") if trainer.preempted or "eval/accuracy" in last
+                 else trainer.evaluate().get("eval/accuracy"))
         export = None
         if cfg.checkpoint.export_hf and not trainer.preempted:
             export = trainer.export_hf(trainer.run_dir / "hf")

@@ -40,6 +40,26 @@ from .rollouts import Rollouts
 log = logging.getLogger(__name__)
 
 
+def eval_benchmarks(cfg: Config, val_dataset) -> Dict[str, list]:
+    """``{name: [Problem]}`` for ``eval.benchmarks`` (read on every rank: images stay compressed until sampled), or
+    the held-out set as ``val``; ``eval.limit`` problems each at most."""
+    from ..evaluation.benchmarks import load_benchmark, problems_from_examples
+
+    e = cfg.eval
+    if e.benchmarks:
+        out = {}
+        for name in e.benchmarks:
+            problems, skipped = load_benchmark(name, e.data_dir, limit=e.limit, max_pixels=cfg.data.max_pixels)
+            if skipped.total:
+                log.warning("eval %s: skipped %d rows: %s", name, skipped.total, dict(skipped.counts))
+            out[name] = problems
+        return out
+    if val_dataset is None:
+        return {}
+    count = len(val_dataset) if e.limit is None else min(e.limit, len(val_dataset))
+    return {"val": problems_from_examples([val_dataset[i] for i in range(count)])}
+
+
 class Trainer:
     """Everything one rank needs; ``run()`` trains to ``trainer.total_steps``.
 
@@ -60,6 +80,7 @@ class Trainer:
         from .policy import MegatronPolicy
 
         self.cfg, self.dataset, self.val_dataset = cfg, dataset, val_dataset
+        self.eval_benchmarks = eval_benchmarks(cfg, val_dataset)
         self.run_dir = Path(cfg.trainer.run_dir)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.tp, self.pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
@@ -215,11 +236,12 @@ class Trainer:
     def _sync(self) -> float:
         return self.rollouts.sync(self.policy.module, self.cfg.model.transformer_impl)
 
-    def evaluate(self, limit: Optional[int] = None) -> float:
-        """Greedy held-out accuracy (fraction of prompts answered correctly). The engine generates, so the training
-        state waits in host memory meanwhile, as during rollouts (``trainer.offload_during_rollout``)."""
+    def evaluate(self) -> Dict[str, float]:
+        """The ``eval`` section's benchmarks (or the held-out set): ``eval/<name>/avg@k`` ... and ``eval/accuracy``,
+        on every rank (empty without anything to evaluate). The engine generates, so the training state waits in
+        host memory meanwhile, as during rollouts (``trainer.offload_during_rollout``)."""
         with offloaded(self.policy.model, self.policy.optimizer, self.cfg.trainer.offload_during_rollout):
-            return self.rollouts.evaluate(self.val_dataset, limit)
+            return self.rollouts.evaluate(self.eval_benchmarks)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
@@ -299,7 +321,7 @@ class Trainer:
                         stop = True  # the signal came during the sync; the weights of this step are trained
                 self.step += 1
                 if cfg.trainer.eval_every and self.step % cfg.trainer.eval_every == 0 and not stop:
-                    stats["eval/accuracy"] = self.evaluate()
+                    stats.update(self.evaluate())
                 stats["time/step"] = time.perf_counter() - t0
                 if self.metrics is not None:
                     self.metrics.log(self.step, stats)

@@ -57,6 +57,7 @@ class Rollouts:
         self.scorer = RewardScorer(accuracy_weight=r.accuracy_weight, format_weight=r.format_weight,
                                    timeout_s=r.timeout_s, num_workers=r.num_workers,
                                    max_answer_chars=r.max_answer_chars) if self.owner else None
+        self.eval_scorer = None  # benchmark answer checking, on rank 0 at the first evaluate()
 
     def _make_engine(self):
         r, p = self.cfg.rollout, self.cfg.parallel
@@ -102,6 +103,12 @@ class Rollouts:
     def generate(self, dataset, indices: List[int], sampling) -> List[Sample]:
         """Sample and score this replica's share of ``indices``, then all-gather: every rank gets all Samples, in
         the order of ``indices`` (a prompt's samples in the engine's order)."""
+        records = self._generate_records(dataset, indices, sampling, score=True)
+        return [self._sample(dataset, rec) for rec in records]
+
+    def _generate_records(self, dataset, indices: List[int], sampling, score: bool) -> List[dict]:
+        """This replica's share of ``indices`` sampled (and, with ``score``, rewarded) by its engine owner, then
+        all-gathered: every rank gets every record, in the order of ``indices``."""
         from ..rollout.engine import RolloutRequest
 
         mine = split_round_robin(indices, self.dp, self.dp_rank)
@@ -117,12 +124,14 @@ class Rollouts:
                 outputs = self.engine.generate(
                     [RolloutRequest(messages_for(e.question), e.image) for e in examples], sampling)
                 results = self.scorer.score_batch([o.text for o in outputs],
-                                                  [examples[o.request_index].answer for o in outputs])
+                                                  [examples[o.request_index].answer for o in outputs]) if score \
+                    else [None] * len(outputs)
                 for o, res in zip(outputs, results):
                     local.append(dict(prompt_index=mine[o.request_index], prompt_ids=o.prompt_token_ids,
                                       response_ids=o.response_token_ids, logprobs=o.logprobs,
-                                      truncated=o.finish_reason == "length", reward=res.score,
-                                      accuracy=res.accuracy, format=res.format, text=o.text))
+                                      truncated=o.finish_reason == "length", finish_reason=o.finish_reason,
+                                      text=o.text, **({} if res is None else dict(
+                                          reward=res.score, accuracy=res.accuracy, format=res.format))))
         except Exception as exc:  # noqa: BLE001 - every rank must learn of it, not wait in the gather below
             log.exception("rollout failed on rank %d", self.rank)
             error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
@@ -131,9 +140,9 @@ class Rollouts:
         if errors:
             raise RuntimeError("rollout failed: " + "; ".join(errors))
         self.skipped_long_prompts += sum(n for _, _, n in gathered)
-        records = sorted((r for part, _, _ in gathered if part for r in part),
-                         key=lambda r: indices.index(r["prompt_index"]))  # stable: sample order kept
-        return [self._sample(dataset, rec) for rec in records]
+        order = {index: position for position, index in enumerate(indices)}
+        return sorted((r for part, _, _ in gathered if part for r in part),
+                      key=lambda r: order[r["prompt_index"]])  # stable: sample order kept
 
     def _fits(self, example) -> bool:
         """Whether the example's prompt leaves room for ``rollout.max_new_tokens`` in the engine."""
@@ -189,13 +198,44 @@ class Rollouts:
             self.engine.sleep()  # training has the GPU until the next sync (rollout.sleep_mode; no-op elsewhere)
         return kept, reward_stats(everything, stats)  # kept may be empty: every group was uniform
 
-    def evaluate(self, val_dataset, limit: Optional[int] = None) -> float:
-        """Greedy held-out accuracy (fraction of prompts answered correctly); NaN without a held-out set."""
-        if val_dataset is None:
-            return float("nan")
-        count = len(val_dataset) if limit is None else min(limit, len(val_dataset))
-        samples = self.generate(val_dataset, list(range(count)), self.sampling(greedy=True, seed=0))
-        return sum(s.extra["accuracy"] for s in samples) / max(len(samples), 1)
+    def evaluate(self, benchmarks) -> Dict[str, float]:
+        """``eval.*`` over ``{name: [Problem]}`` with every replica's engine sampling its share (the same protocol
+        code as ``megatron-pgpo eval``): ``eval/<name>/avg@k``, ``eval/<name>/pass@k`` and ``eval/accuracy`` (the
+        average of avg@k over benchmarks), on every rank. Rank 0 judges the answers."""
+        from ..evaluation.protocol import Protocol
+        from ..evaluation.runner import evaluate
+
+        e = self.cfg.eval
+        if not benchmarks:
+            return {}
+        if self.rank == 0 and self.eval_scorer is None:
+            from ..evaluation.scoring import BenchmarkScorer
+
+            self.eval_scorer = BenchmarkScorer(num_workers=self.cfg.reward.num_workers,
+                                               timeout_s=self.cfg.reward.timeout_s)
+        protocol = Protocol(model=str(self.cfg.model.hf_path), k=e.k, temperature=e.temperature, top_p=e.top_p,
+                            max_new_tokens=self.cfg.rollout.max_new_tokens, seed=self.cfg.trainer.seed)
+        document = evaluate(benchmarks, self._sample_texts, protocol, self.eval_scorer if self.rank == 0 else None)
+        stats: Dict[str, float] = {}
+        if document is not None:
+            for name, v in document["benchmarks"].items():
+                stats[f"eval/{name}/avg@{e.k}"] = v[f"avg@{e.k}"]
+                stats[f"eval/{name}/pass@{e.k}"] = v[f"pass@{e.k}"]
+            stats["eval/accuracy"] = document["average"][f"avg@{e.k}"]
+        return collectives.broadcast_object(stats)
+
+    def _sample_texts(self, problems, n: int, seed: int) -> List[List[Tuple[str, str]]]:
+        """``evaluation.runner.Sampler`` over the DP replicas' engines: n (text, finish reason) per problem (none for
+        a problem whose prompt does not fit)."""
+        e = self.cfg.eval
+        from ..rollout.engine import SamplingConfig
+
+        sampling = SamplingConfig(n=n, temperature=e.temperature, top_p=e.top_p,
+                                  max_tokens=self.cfg.rollout.max_new_tokens, seed=seed)
+        out: List[List[Tuple[str, str]]] = [[] for _ in problems]
+        for rec in self._generate_records(problems, list(range(len(problems))), sampling, score=False):
+            out[rec["prompt_index"]].append((rec["text"], rec["finish_reason"]))
+        return out
 
     def sync(self, module, transformer_impl: str) -> float:
         """Megatron weights -> this replica's engine (a collective over the model-parallel group); seconds."""
@@ -214,6 +254,8 @@ class Rollouts:
             self.engine.shutdown()
         if self.scorer is not None:
             self.scorer.close()
+        if self.eval_scorer is not None:
+            self.eval_scorer.close()
 
 
 def reward_stats(samples: List[Sample], stats: Dict[str, float]) -> Dict[str, float]:

@@ -184,12 +184,20 @@ METRIC_PLOTS = (
 )
 
 
+#: Colours of the per-benchmark series (``eval/<name>/avg@k``), in order of appearance.
+BENCHMARK_COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666")
+
+
 def _metric_panels(metrics: Dict[str, List[Tuple[int, float]]]) -> List[Tuple[str, List[Tuple[str, str, list]]]]:
     panels = []
     for title, wanted in METRIC_PLOTS:
         series = [(label, color, metrics[key]) for key, label, color in wanted if metrics.get(key)]
         if series:
             panels.append((title, series))
+    benchmarks = sorted(k for k in metrics if k.startswith("eval/") and "/avg@" in k and metrics[k])
+    if benchmarks:
+        panels.append(("benchmarks (avg@k)", [(key.split("/")[1], BENCHMARK_COLOURS[i % len(BENCHMARK_COLOURS)],
+                                              metrics[key]) for i, key in enumerate(benchmarks)]))
     return panels
 
 

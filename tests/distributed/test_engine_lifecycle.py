@@ -12,6 +12,7 @@ import megatron_pgpo.models.qwen2_5_vl  # noqa: F401  (torchvision shim before t
 def _lifecycle_case(ckpt, run_dir):
     from megatron_pgpo.config import load_config
     from megatron_pgpo.data.synthetic import SyntheticTask
+    from megatron_pgpo.evaluation.benchmarks import problems_from_examples
     from megatron_pgpo.rollout.check_sync import load_megatron
     from megatron_pgpo.rollout.hf_engine import TransformersEngine, TransformersEngineConfig
     from megatron_pgpo.trainer import rollouts as rollouts_module
@@ -45,7 +46,7 @@ def _lifecycle_case(ckpt, run_dir):
     cfg = load_config(None, [f"model.hf_path={ckpt}", "rollout.engine=transformers", "rollout.n=2",
                              "rollout.max_new_tokens=4", "data.rollout_batch_size=2", "trainer.global_batch_size=2",
                              "trainer.micro_batch_size=2", "reward.num_workers=0",
-                             "algorithm.dapo.dynamic_sampling=false"])
+                             "algorithm.dapo.dynamic_sampling=false", "eval.k=2", "eval.temperature=1.0"])
     from megatron.core import parallel_state as ps
 
     model = load_megatron(ckpt)
@@ -56,10 +57,10 @@ def _lifecycle_case(ckpt, run_dir):
     samples, _ = rollouts.batch(dataset, stream, 0)
     asleep = rollouts.engine.usable is False
     rollouts.sync(model, "local")
-    rollouts.evaluate(dataset, 2)
+    evaluated = rollouts.evaluate({"val": problems_from_examples([dataset[i] for i in range(3)])})
     rollouts.batch(dataset, stream, 1)
     rollouts.close()
-    return {"calls": calls, "samples": len(samples), "unusable_while_asleep": asleep}
+    return {"calls": calls, "samples": len(samples), "unusable_while_asleep": asleep, "evaluated": evaluated}
 
 
 @pytest.fixture(scope="module")
@@ -74,5 +75,9 @@ def test_engine_sleeps_after_rollouts_and_wakes_weights_then_kv_cache_around_the
     for report in per_rank:  # both ranks own an engine at DP=2
         assert report["samples"] == 4  # 2 prompts x 2 samples, gathered from both replicas
         assert report["unusable_while_asleep"]
+        # eval.k=2 samples of 3 problems, shared by the two replicas, judged on rank 0, the same stats on both
+        assert sorted(report["evaluated"]) == ["eval/accuracy", "eval/val/avg@2", "eval/val/pass@2"]
+        assert report["evaluated"] == per_rank[0]["evaluated"]
+        assert 0 <= report["evaluated"]["eval/val/avg@2"] <= report["evaluated"]["eval/val/pass@2"] <= 1
         assert report["calls"] == ["generate", "sleep", "wake:weights", "update_weights", "wake:kv_cache",
                                    "generate", "generate", "sleep"]

@@ -242,3 +242,14 @@ def test_cli(run_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     proc = subprocess.run([*cli, str(tmp_path / "empty")], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "logging.samples_every" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_benchmark_series_get_their_own_panel():
+    from megatron_pgpo.visualize.html_page import _metric_panels
+
+    metrics = {"eval/accuracy": [(1, 0.5)], "eval/geo3k/avg@8": [(1, 0.4), (2, 0.5)],
+               "eval/mathverse/avg@8": [(2, 0.3)], "eval/geo3k/pass@8": [(1, 0.9)]}
+    panels = dict(_metric_panels(metrics))
+    assert [label for label, _, _ in panels["benchmarks (avg@k)"]] == ["geo3k", "mathverse"]
+    assert panels["benchmarks (avg@k)"][0][2] == [(1, 0.4), (2, 0.5)]
+    assert [label for label, _, _ in panels["accuracy"]] == ["held-out"]
