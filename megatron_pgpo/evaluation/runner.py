@@ -64,15 +64,19 @@ def evaluate(benchmarks: Dict[str, List[Problem]], sampler: Sampler, protocol: P
                     cached.update({(r.uid, r.sample): r for r in records})
                 if progress is not None:
                     progress(name, done, total)
-        if scorer is None:
-            continue
-        records = [cached[(p.uid, j)] for p in problems for j in range(protocol.k) if (p.uid, j) in cached]
-        correct = {p.uid: [cached[(p.uid, j)].correct for j in range(protocol.k)] for p in problems
-                   if all((p.uid, j) in cached for j in range(protocol.k))}
-        per_benchmark[name] = {**summarize(correct, protocol.k), "generated": generated,
-                               "cached": len(records) - generated, "reasons": reason_counts(records),
-                               "skipped": dict((skipped or {}).get(name, {}))}
+        if scorer is not None:
+            per_benchmark[name] = _summary(problems, cached, protocol.k, generated, (skipped or {}).get(name, {}))
     return None if scorer is None else results_document(protocol, per_benchmark)
+
+
+def _summary(problems: Sequence[Problem], table: Dict[Tuple[str, int], SampleRecord], k: int, generated: int,
+             skipped: Dict[str, int]) -> Dict:
+    """One benchmark's entry of the results document from its judged records."""
+    records = [table[(p.uid, j)] for p in problems for j in range(k) if (p.uid, j) in table]
+    correct = {p.uid: [table[(p.uid, j)].correct for j in range(k)] for p in problems
+               if all((p.uid, j) in table for j in range(k))}
+    return {**summarize(correct, k), "generated": generated, "cached": len(records) - generated,
+            "reasons": reason_counts(records), "skipped": dict(skipped)}
 
 
 def rescore(benchmarks: Dict[str, List[Problem]], protocol: Protocol, scorer: BenchmarkScorer, cache: SampleCache,
@@ -86,9 +90,6 @@ def rescore(benchmarks: Dict[str, List[Problem]], protocol: Protocol, scorer: Be
         records = judge(scorer, [by_uid[r.uid] for r in keep], [[(r.response, r.finish_reason)] for r in keep],
                         [[r.sample] for r in keep])
         cache.rewrite(name, records)
-        table = {(r.uid, r.sample): r for r in records}
-        correct = {p.uid: [table[(p.uid, j)].correct for j in range(protocol.k)] for p in problems
-                   if all((p.uid, j) in table for j in range(protocol.k))}
-        per_benchmark[name] = {**summarize(correct, protocol.k), "generated": 0, "cached": len(records),
-                               "reasons": reason_counts(records), "skipped": dict((skipped or {}).get(name, {}))}
+        per_benchmark[name] = _summary(problems, {(r.uid, r.sample): r for r in records}, protocol.k, 0,
+                                       (skipped or {}).get(name, {}))
     return results_document(protocol, per_benchmark)

@@ -107,8 +107,8 @@ class Rollouts:
         return [self._sample(dataset, rec) for rec in records]
 
     def _generate_records(self, dataset, indices: List[int], sampling, score: bool) -> List[dict]:
-        """This replica's share of ``indices`` sampled (and, with ``score``, rewarded) by its engine owner, then
-        all-gathered: every rank gets every record, in the order of ``indices``."""
+        """This replica's share of ``indices`` sampled (with ``score``: rewarded, with token ids and log-probs) by its
+        engine owner, then all-gathered: every rank gets every record, in the order of ``indices``."""
         from ..rollout.engine import RolloutRequest
 
         mine = split_round_robin(indices, self.dp, self.dp_rank)
@@ -127,11 +127,12 @@ class Rollouts:
                                                   [examples[o.request_index].answer for o in outputs]) if score \
                     else [None] * len(outputs)
                 for o, res in zip(outputs, results):
-                    local.append(dict(prompt_index=mine[o.request_index], prompt_ids=o.prompt_token_ids,
-                                      response_ids=o.response_token_ids, logprobs=o.logprobs,
-                                      truncated=o.finish_reason == "length", finish_reason=o.finish_reason,
-                                      text=o.text, **({} if res is None else dict(
-                                          reward=res.score, accuracy=res.accuracy, format=res.format))))
+                    record = dict(prompt_index=mine[o.request_index], text=o.text, finish_reason=o.finish_reason)
+                    if res is not None:  # what training needs; evaluation gathers the text only
+                        record.update(prompt_ids=o.prompt_token_ids, response_ids=o.response_token_ids,
+                                      logprobs=o.logprobs, truncated=o.finish_reason == "length", reward=res.score,
+                                      accuracy=res.accuracy, format=res.format)
+                    local.append(record)
         except Exception as exc:  # noqa: BLE001 - every rank must learn of it, not wait in the gather below
             log.exception("rollout failed on rank %d", self.rank)
             error = f"rank {self.rank}: {type(exc).__name__}: {exc}"

@@ -1,6 +1,6 @@
 """The CUDA-IPC weight transport's CPU-testable half: bucket packing (layout, alignment, exact bytes back), the
 transport choice, and that its payload shape crosses vLLM's msgpack RPC. Sharing and opening handles across
-processes is tests/gpu/test_cuda_ipc.py (run by tools/gpu_check.sh)."""
+processes is tests/gpu/test_cuda_ipc_handles.py (run by tools/gpu_check.sh)."""
 from __future__ import annotations
 
 import pytest
