@@ -17,6 +17,11 @@ How PGPO differs from GRPO/DAPO, in order:
 
 Everything else (clipped surrogate, token-mean aggregation, DAPO sampling) is unchanged: the loss just reads
 ``A~[B, T]`` where GRPO would read ``A[B]`` broadcast.
+
+The paper's ablations are registered shapers of their own (``GATES``, ``normalize``): ``pgpo_suppression_only``
+(tokens below ``tau`` suppressed, the rest at weight 1), ``pgpo_boosting_only`` (tokens at or above ``tau``
+boosted, the rest at 1), both with Eq. 7; ``pgpo_no_normalization`` (the full gate, Eq. 7 skipped: a response's
+mean token advantage is then no longer ``A_i``). The degenerate-response rule holds in all of them.
 """
 from __future__ import annotations
 
@@ -61,13 +66,20 @@ def normalized_importance(scores: torch.Tensor, response_mask: torch.Tensor, eps
     return torch.where(mask, importance, torch.zeros_like(importance))
 
 
-def threshold_gate(importance: torch.Tensor, tau: float = 0.4, beta: float = 2.0, eps: float = 1e-6) -> torch.Tensor:
-    """Eq. 6, elementwise: ``I / (tau + eps)`` below ``tau``; ``1 + beta (I - tau) / (1 - tau + eps)`` at or above."""
-    return torch.where(
-        importance < tau,
-        importance / (tau + eps),
-        1.0 + beta * (importance - tau) / (1.0 - tau + eps),
-    )
+#: Which branches of Eq. 6 a gate keeps: ``both`` (PGPO), ``suppress`` (at or above ``tau``: 1), ``boost`` (below
+#: ``tau``: 1).
+GATES = ("both", "suppress", "boost")
+
+
+def threshold_gate(importance: torch.Tensor, tau: float = 0.4, beta: float = 2.0, eps: float = 1e-6,
+                   gate: str = "both") -> torch.Tensor:
+    """Eq. 6, elementwise: ``I / (tau + eps)`` below ``tau``; ``1 + beta (I - tau) / (1 - tau + eps)`` at or above.
+    ``gate`` (``GATES``) replaces one branch by 1 for the paper's ablations."""
+    if gate not in GATES:
+        raise ValueError(f"gate {gate!r}: valid: {', '.join(GATES)}")
+    below = importance / (tau + eps) if gate != "boost" else torch.ones_like(importance)
+    above = 1.0 + beta * (importance - tau) / (1.0 - tau + eps) if gate != "suppress" else torch.ones_like(importance)
+    return torch.where(importance < tau, below, above)
 
 
 def pgpo_token_weights(
@@ -77,6 +89,8 @@ def pgpo_token_weights(
     beta: float = 2.0,
     eps: float = 1e-6,
     s_max: float = DEFAULT_S_MAX,
+    gate: str = "both",
+    normalize: bool = True,
 ) -> torch.Tensor:
     """PGPO token weights ``w~`` (Eqs. 4-7 with the spec's sanitising and degenerate-response rules).
 
@@ -87,19 +101,22 @@ def pgpo_token_weights(
         beta: boost strength (>= 0).
         eps: stabiliser of Eqs. 5-7; also the degenerate-response threshold on the weight sum.
         s_max: clamp applied to ``S`` before Eq. 4.
+        gate: ``both`` (PGPO), or an ablation's single branch (``GATES``).
+        normalize: Eq. 7 (False: the ``pgpo_no_normalization`` ablation, weights straight from Eq. 6).
 
     Returns:
-        ``[B, T]`` weights, float32 (float64 for float64 scores). Each response's weights sum to its valid length;
-        padded positions are 0; degenerate responses get 1 on every valid token.
+        ``[B, T]`` weights, float32 (float64 for float64 scores). Each response's weights sum to its valid length
+        (with ``normalize``); padded positions are 0; degenerate responses get 1 on every valid token.
     """
     _validate(scores, response_mask, tau, beta, eps)
     mask = response_mask.bool()
     maskf = mask.to(torch.float64)
-    gate = threshold_gate(normalized_importance(scores, mask, eps=eps, s_max=s_max), tau, beta, eps) * maskf
-    total = gate.sum(dim=-1, keepdim=True)
+    gated = threshold_gate(normalized_importance(scores, mask, eps=eps, s_max=s_max), tau, beta, eps, gate) * maskf
+    total = gated.sum(dim=-1, keepdim=True)
     length = maskf.sum(dim=-1, keepdim=True)
     degenerate = total <= eps
-    weights = torch.where(degenerate, maskf, gate * length / torch.where(degenerate, torch.ones_like(total), total))
+    scaled = gated * length / torch.where(degenerate, torch.ones_like(total), total) if normalize else gated
+    weights = torch.where(degenerate, maskf, scaled)
     out_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     return weights.to(out_dtype)
 
@@ -112,31 +129,35 @@ def pgpo_advantages(
     beta: float = 2.0,
     eps: float = 1e-6,
     s_max: float = DEFAULT_S_MAX,
+    gate: str = "both",
+    normalize: bool = True,
 ) -> torch.Tensor:
     """Eq. 8: ``A~[B, T] = A[B, None] * w~[B, T]``; padded positions 0. See ``pgpo_token_weights``."""
     if seq_advantages.dim() != 1 or seq_advantages.shape[0] != scores.shape[0]:
         raise ValueError(f"seq_advantages must be [B={scores.shape[0]}], got {tuple(seq_advantages.shape)}")
-    weights = pgpo_token_weights(scores, response_mask, tau=tau, beta=beta, eps=eps, s_max=s_max)
+    weights = pgpo_token_weights(scores, response_mask, tau=tau, beta=beta, eps=eps, s_max=s_max, gate=gate,
+                                 normalize=normalize)
     return seq_advantages.to(weights.dtype)[:, None] * weights
 
 
-@ADVANTAGE_SHAPERS.register("pgpo")
-def pgpo_shaper(
-    seq_advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    *,
-    scores: Optional[torch.Tensor] = None,
-    tau: float = 0.4,
-    beta: float = 2.0,
-    eps: float = 1e-6,
-    s_max: float = DEFAULT_S_MAX,
-    **_unused,
-) -> torch.Tensor:
-    """Registry entry for PGPO: ``scores [B, T]`` (visual dependency) are required."""
-    if scores is None:
-        raise ValueError("the 'pgpo' advantage shaper needs visual-dependency scores [B, T]; got scores=None")
-    return pgpo_advantages(seq_advantages, scores, response_mask, tau=tau, beta=beta, eps=eps, s_max=s_max)
+def _register(name: str, gate: str = "both", normalize: bool = True):
+    """Register a PGPO shaper (the method or one of its ablations) that needs ``scores [B, T]``."""
+
+    def shaper(seq_advantages: torch.Tensor, response_mask: torch.Tensor, *, scores: Optional[torch.Tensor] = None,
+               tau: float = 0.4, beta: float = 2.0, eps: float = 1e-6, s_max: float = DEFAULT_S_MAX,
+               **_unused) -> torch.Tensor:
+        if scores is None:
+            raise ValueError(f"the {name!r} advantage shaper needs visual-dependency scores [B, T]; got scores=None")
+        return pgpo_advantages(seq_advantages, scores, response_mask, tau=tau, beta=beta, eps=eps, s_max=s_max,
+                               gate=gate, normalize=normalize)
+
+    shaper.__name__ = shaper.__qualname__ = f"{name}_shaper"
+    shaper.__doc__ = f"Registry entry {name!r}: gate {gate!r}, Eq. 7 {'on' if normalize else 'off'}."
+    shaper.uses_visual_dependency = True  # the trainer runs the text-only pass (which computes ``scores``)
+    return ADVANTAGE_SHAPERS.register(name)(shaper)
 
 
-#: The trainer runs the text-only pass (which computes ``scores``) only for shapers that set this.
-pgpo_shaper.uses_visual_dependency = True
+pgpo_shaper = _register("pgpo")
+pgpo_suppression_only_shaper = _register("pgpo_suppression_only", gate="suppress")
+pgpo_boosting_only_shaper = _register("pgpo_boosting_only", gate="boost")
+pgpo_no_normalization_shaper = _register("pgpo_no_normalization", normalize=False)

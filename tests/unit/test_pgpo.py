@@ -141,3 +141,67 @@ def test_gate_tau_one_only_suppresses_and_tau_zero_only_boosts(batch):
     assert (importance >= 0).all() and (importance < 1).all()
     assert (threshold_gate(importance, tau=1.0, beta=beta)[mask] <= 1.0).all()
     assert (threshold_gate(importance, tau=0.0, beta=beta)[mask] >= 1.0).all()
+
+
+# ------------------------------------------------------------------------------------------ the paper's ablations
+ABLATION_CASE = torch.tensor([[0.0, math.exp(0.2) - 1, E - 1, 1e9]]), torch.tensor([[1, 1, 1, 0]])
+
+
+def test_hand_computed_suppression_only():
+    # I = [0, .2, 1]: below tau .4 suppressed (I / .4), at or above: 1 -> [0, .5, 1]; sum 1.5, |o| 3 -> [0, 1, 2]
+    scores, mask = ABLATION_CASE
+    adv = ADVANTAGE_SHAPERS.get("pgpo_suppression_only")(torch.tensor([2.0]), mask, scores=scores)
+    torch.testing.assert_close(adv, 2.0 * torch.tensor([[0.0, 1.0, 2.0, 0.0]]), atol=1e-5, rtol=0)
+
+
+def test_hand_computed_boosting_only():
+    # I = [0, .2, 1]: below tau: 1, at or above boosted 1 + 2 (1 - .4) / .6 = 3 -> [1, 1, 3]; sum 5 -> x 3/5
+    scores, mask = ABLATION_CASE
+    adv = ADVANTAGE_SHAPERS.get("pgpo_boosting_only")(torch.tensor([1.0]), mask, scores=scores)
+    torch.testing.assert_close(adv, torch.tensor([[0.6, 0.6, 1.8, 0.0]]), atol=1e-5, rtol=0)
+
+
+def test_hand_computed_no_normalization():
+    # the full gate [0, .5, 3] used as it is: the response's mean token advantage is no longer A
+    scores, mask = ABLATION_CASE
+    adv = ADVANTAGE_SHAPERS.get("pgpo_no_normalization")(torch.tensor([-1.0]), mask, scores=scores)
+    torch.testing.assert_close(adv, -torch.tensor([[0.0, 0.5, 3.0, 0.0]]), atol=1e-5, rtol=0)
+    # degenerate responses still fall back to weight 1
+    flat = ADVANTAGE_SHAPERS.get("pgpo_no_normalization")(torch.tensor([1.0]), torch.ones(1, 3),
+                                                           scores=torch.zeros(1, 3))
+    torch.testing.assert_close(flat, torch.ones(1, 3))
+
+
+@given(batches(allow_special=False))
+def test_ablations_against_a_plain_loop(batch):
+    """Each ablation equals a per-token Python computation of Eqs. 4-8 with its branch replaced (tau .4, beta 2)."""
+    scores, mask, _, _ = batch
+    for name, gate, normalize in (("pgpo", "both", True), ("pgpo_suppression_only", "suppress", True),
+                                  ("pgpo_boosting_only", "boost", True), ("pgpo_no_normalization", "both", False)):
+        got = ADVANTAGE_SHAPERS.get(name)(torch.ones(scores.shape[0], dtype=torch.float64), mask,
+                                          scores=scores.double())
+        for b in range(scores.shape[0]):
+            valid = [math.log1p(min(max(float(s), 0.0), 1e4)) for s, m in zip(scores[b], mask[b]) if m]
+            if not valid:
+                continue
+            lo, hi = min(valid), max(valid)
+            ws = []
+            for v in valid:
+                i = (v - lo) / (hi - lo + 1e-6)
+                low = i / (0.4 + 1e-6) if gate != "boost" else 1.0
+                high = 1.0 + 2.0 * (i - 0.4) / (0.6 + 1e-6) if gate != "suppress" else 1.0
+                ws.append(low if i < 0.4 else high)
+            total = sum(ws)
+            if total <= 1e-6:
+                ws = [1.0] * len(ws)
+            elif normalize:
+                ws = [w * len(ws) / total for w in ws]
+            want = torch.tensor(ws, dtype=torch.float64)
+            torch.testing.assert_close(got[b][mask[b].bool()], want, atol=1e-6, rtol=1e-6)
+
+
+def test_ablations_are_registered_and_run_the_text_only_pass():
+    for name in ("pgpo_suppression_only", "pgpo_boosting_only", "pgpo_no_normalization"):
+        assert name in ADVANTAGE_SHAPERS.names() and ADVANTAGE_SHAPERS.get(name).uses_visual_dependency
+    with pytest.raises(ValueError, match="gate 'middle': valid: both, suppress, boost"):
+        threshold_gate(torch.zeros(2), gate="middle")

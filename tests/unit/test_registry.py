@@ -21,4 +21,5 @@ def test_register_get_and_errors():
 
 
 def test_builtin_shapers():
-    assert ADVANTAGE_SHAPERS.names() == ["grpo", "pgpo"]
+    assert ADVANTAGE_SHAPERS.names() == ["grpo", "pgpo", "pgpo_boosting_only", "pgpo_no_normalization",
+                                        "pgpo_suppression_only"]
