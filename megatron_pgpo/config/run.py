@@ -85,12 +85,13 @@ class TrainerConfig(Section):
     """Passes over each rollout batch (updates per batch = ppo_epochs x rollout_batch_size / global_batch_size)."""
     lr: float = 2e-4
     """Peak learning rate of AdamW (the paper: 1e-6 at 3B/7B; 2e-4 suits the tiny demo model)."""
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    """Learning-rate schedule after warm-up."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule after warm-up (Megatron's OptimizerParamScheduler, stepped once per training step;
+    the paper: constant). Logged as actor/lr."""
     lr_warmup_steps: int = 0
-    """Linear warm-up steps."""
+    """Training steps of linear warm-up from 0 to trainer.lr (0: none)."""
     min_lr: float = 0.0
-    """Final learning rate of the cosine schedule."""
+    """Learning rate the linear / cosine schedule reaches at trainer.total_steps."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     adam_beta1: float = 0.9

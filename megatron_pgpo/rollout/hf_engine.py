@@ -50,21 +50,24 @@ def module_name(hf_name: str) -> str:
 
 
 class _RawLogprobs:
-    """A logits processor that records the log-prob of each generated token under the raw logits.
+    """A logits processor that records the log-prob of each generated token under the raw logits (divided by
+    ``temperature`` when given: vLLM's ``processed_logprobs`` without top-k / top-p).
 
     transformers runs custom processors before its sampling warpers (temperature, top-k, top-p), so the scores it
     sees at step ``t`` are the model's raw logits. The token chosen at step ``t`` is only known at step ``t + 1``
     (the last column of ``input_ids``), so one step's log-softmax is kept until then; ``finish`` reads the last
     step's from the final sequences."""
 
-    def __init__(self):
+    def __init__(self, temperature: float = 1.0):
         self.previous = None
         self.picked: List[torch.Tensor] = []
+        self.temperature = temperature
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.previous is not None:
             self.picked.append(self.previous.gather(1, input_ids[:, -1:])[:, 0])
-        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        logits = scores.float() if self.temperature == 1.0 else scores.float() / self.temperature
+        self.previous = torch.log_softmax(logits, dim=-1)
         return scores
 
     def finish(self, sequences: torch.Tensor, steps: int) -> torch.Tensor:
@@ -87,6 +90,8 @@ class TransformersEngineConfig:
     attn_implementation: transformers' attention (``sdpa``; ``eager`` for bit-level comparisons).
     max_model_len: prompt + response tokens; a longer prompt is an error (the trainer skips those beforehand).
     batch_size: sequences per ``generate`` call.
+    logprobs_mode: ``raw_logprobs`` (the model's log-softmax) or ``processed_logprobs`` (of the logits divided by
+        the sampling temperature, what the trainer scores at ``rollout.temperature``), as vLLM's setting.
     """
 
     model_path: str
@@ -95,6 +100,7 @@ class TransformersEngineConfig:
     attn_implementation: str = "sdpa"
     max_model_len: int = 2048
     batch_size: int = 64
+    logprobs_mode: str = "raw_logprobs"
 
 
 class TransformersEngine(VersionedEngine):
@@ -185,7 +191,8 @@ class TransformersEngine(VersionedEngine):
             temperature=1.0 if greedy else sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
             top_k=0 if greedy or sampling.top_k <= 0 else sampling.top_k, eos_token_id=sorted(stop),
             pad_token_id=self._pad_id(), return_dict_in_generate=True)
-        recorder = _RawLogprobs()
+        scaled = self.config.logprobs_mode == "processed_logprobs" and not greedy
+        recorder = _RawLogprobs(sampling.temperature if scaled else 1.0)
         device = torch.device(self.config.device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if seed is not None:

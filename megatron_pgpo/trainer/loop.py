@@ -36,6 +36,7 @@ from .diagnostics import log_samples, plumbing_checks, response_mask
 from .offload import offloaded
 from .prompts import PromptStream, split_round_robin
 from .rollouts import Rollouts
+from .schedule import current_lr, set_step
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ class Trainer:
             "actor/approx_kl": float(summary[3]) / n_up / last_ranks,
             "actor/grad_norm": max(u["actor/grad_norm"] for u in updates) if updates else 0.0,
             "actor/skipped_updates": sum(u["actor/skipped_updates"] for u in updates),
-            "actor/lr": cfg.trainer.lr,
+            "actor/lr": current_lr(self.policy.optimizer),
             "time/old_logprob": t_score, "time/update": t_update,
             "perf/tokens_per_s": n_tok * cfg.trainer.ppo_epochs / max(t_score + t_update, 1e-9),
         })
@@ -264,6 +265,7 @@ class Trainer:
             return False
         state = load_training_state(self.policy, Path(path))
         self.step, self.stream.position = state["step"], state["stream_position"]
+        set_step(self.policy.scheduler, self.step)
         self._saved_step = self.step
         self._sync()  # the engines started from the initial weights
         return True
@@ -319,6 +321,7 @@ class Trainer:
                         if not self._agree_stop(preempt.requested is not None):
                             raise
                         stop = True  # the signal came during the sync; the weights of this step are trained
+                self.policy.scheduler.step(1)  # the next step's learning rate (trainer/schedule.py)
                 self.step += 1
                 if cfg.trainer.eval_every and self.step % cfg.trainer.eval_every == 0 and not stop:
                     stats.update(self.evaluate())

@@ -30,6 +30,12 @@ from ..algorithms.visual_dependency import k3_divergence
 from ..parallel.vocab_parallel import vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_logprobs
 from .batch import ModelBatch, predicting_positions, scatter_to_mask, sequence_multiple, to_device
 from .packing import images_of, pack_shared_prompts, shared_prompt_mask, sharing_supported, stack_packed
+from .schedule import build_scheduler
+
+
+#: fp16's first dynamic loss scale: torch's GradScaler's 2^16 instead of Megatron's 2^32, which overflows and skips
+#: the first ~16 updates while it halves its way down (an RL run has few updates per step to spare).
+FP16_INITIAL_LOSS_SCALE = 2.0 ** 16
 
 
 def _stack_variants(mb: ModelBatch, pad_token_id: int = 0):
@@ -68,14 +74,23 @@ def logit_positions(mb: ModelBatch, text_only: bool) -> Tuple[torch.Tensor, torc
     return torch.cat([rows, t_rows + mb.input_ids.shape[0]]), torch.cat([cols, t_cols])
 
 
+def scaled_logits(output: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The logits of the policy that samples at ``temperature`` (``rollout.temperature``): every log-prob, entropy
+    and KL of the scoring pass and the update is taken of ``logits / T``, as vLLM samples from and as verl's actor
+    computes them. ``T = 1`` returns ``output`` itself."""
+    return output if temperature == 1.0 else output / temperature
+
+
 def score_loss_func(mb: ModelBatch, extras: dict, output: torch.Tensor, *, vocab_size: int, estimator: str,
-                    chunk_tokens: int, text_only: bool = True):
+                    chunk_tokens: int, text_only: bool = True, temperature: float = 1.0):
     """Last-stage reduction of the response-token logits to per-token scalars.
 
     ``output``: vocab-parallel logits ``[2N, V/TP]`` at ``logit_positions(mb, True)`` (image rows' ``N`` response
     tokens, then the same tokens in the text-only rows); ``text_only=False``: ``[N, V/TP]``, the image rows only
-    (no text-only pass: GRPO/DAPO), and ``logp_text`` and ``scores`` are then zeros.
+    (no text-only pass: GRPO/DAPO), and ``logp_text`` and ``scores`` are then zeros. Divided by ``temperature``
+    first (``scaled_logits``).
     """
+    output = scaled_logits(output, temperature)
     mask = mb.response_mask
     labels = mb.input_ids[mask].to(output.device)
     n = labels.shape[0]
@@ -100,9 +115,11 @@ def score_loss_func(mb: ModelBatch, extras: dict, output: torch.Tensor, *, vocab
 
 
 def update_loss_func(mb: ModelBatch, extras: Dict[str, torch.Tensor], output: torch.Tensor, *, vocab_size: int,
-                     loss_name: str, loss_kwargs: dict, scale: float):
+                     loss_name: str, loss_kwargs: dict, scale: float, temperature: float = 1.0):
     """Last-stage loss of one training micro-batch from the response-token logits ``[N, V/TP]`` (see the module
-    docstring for ``scale``). ``extras`` are on the logits' device already (``_forward_step``)."""
+    docstring for ``scale``), divided by ``temperature`` first. ``extras`` are on the logits' device already
+    (``_forward_step``)."""
+    output = scaled_logits(output, temperature)
     mask = mb.response_mask.to(output.device)
     logp = scatter_to_mask(vocab_parallel_logprobs(output, mb.input_ids.to(output.device)[mask],
                                                    vocab_size=vocab_size), mask)
@@ -185,9 +202,15 @@ class MegatronPolicy:
         opt_config = OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                                      adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
                                      clip_grad=t.grad_clip, bf16=self.tf_config.bf16, fp16=self.tf_config.fp16,
-                                     params_dtype=self.tf_config.params_dtype, use_distributed_optimizer=use_dist_opt)
+                                     params_dtype=self.tf_config.params_dtype, use_distributed_optimizer=use_dist_opt,
+                                     initial_loss_scale=FP16_INITIAL_LOSS_SCALE)
         self.optimizer = get_megatron_optimizer(opt_config, [self.model])
+        self.scheduler = build_scheduler(self.optimizer, t)  # trainer/schedule.py: set per training step
         self.tf_config.no_sync_func = self.model.no_sync
+        # The schedule multiplies each micro-batch loss by the optimizer's loss scale before backward (fp16: the
+        # dynamic grad scaler's, which the optimizer divides out again; bf16 / fp32: 1), as Megatron-LM's
+        # training.py sets it. Without it fp16 gradients were divided by 2^32 without ever being multiplied.
+        self.tf_config.grad_scale_func = self.optimizer.scale_loss
         self.tf_config.finalize_model_grads_func = finalize_model_grads
         self.dp_size = ps.get_data_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group()
@@ -229,7 +252,8 @@ class MegatronPolicy:
         self.model.eval()
         pgpo = self.cfg.algorithm.pgpo
         loss_func = partial(score_loss_func, vocab_size=self.vocab_size, estimator=pgpo.estimator,
-                            chunk_tokens=pgpo.kl_chunk_tokens, text_only=text_only)
+                            chunk_tokens=pgpo.kl_chunk_tokens, text_only=text_only,
+                            temperature=self.cfg.rollout.temperature)
         out = self._run(micro_batches, [{}] * len(micro_batches), "score" if text_only else "score_image", loss_func,
                         True)
         return [o["score"] for o in out] if self.is_last_stage else []
@@ -249,7 +273,7 @@ class MegatronPolicy:
                            global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs)
         scale = float(len(micro_batches) * self.dp_size)
         loss_func = partial(update_loss_func, vocab_size=self.vocab_size, loss_name=algo.loss,
-                            loss_kwargs=loss_kwargs, scale=scale)
+                            loss_kwargs=loss_kwargs, scale=scale, temperature=self.cfg.rollout.temperature)
         reported = self._run(micro_batches, extras, "update", loss_func, False)
         # Megatron's step() clips with the global norm before it looks at it: a non-finite gradient would make the
         # clip coefficient, then every weight, NaN. So: prepare, check the norm, and only then clip and step.

@@ -59,6 +59,13 @@ class Rollouts:
                                    max_answer_chars=r.max_answer_chars) if self.owner else None
         self.eval_scorer = None  # benchmark answer checking, on rank 0 at the first evaluate()
 
+    @property
+    def logprobs_mode(self) -> str:
+        """The engine reports log-probs of ``logits / rollout.temperature``, what the scoring pass computes
+        (``policy.scaled_logits``), so ``check/rollout_logp_diff`` compares like with like at any temperature (with
+        ``rollout.top_p`` < 1 vLLM also renormalises over the nucleus, and the check then reads larger)."""
+        return "raw_logprobs" if self.cfg.rollout.temperature == 1.0 else "processed_logprobs"
+
     def _make_engine(self):
         r, p = self.cfg.rollout, self.cfg.parallel
         on_cpu = self.device.type == "cpu"
@@ -68,7 +75,7 @@ class Rollouts:
             dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[self.cfg.model.dtype]
             engine = TransformersEngine(TransformersEngineConfig(
                 model_path=self.cfg.model.hf_path, device=str(self.device), dtype=dtype,
-                max_model_len=self.max_model_len))
+                max_model_len=self.max_model_len, logprobs_mode=self.logprobs_mode))
         else:
             from ..parallel.device import local_world_size_from_env
             from ..parallel.placement import engine_visible_devices
@@ -86,7 +93,8 @@ class Rollouts:
                 enable_sleep_mode=not on_cpu if r.sleep_mode is None else r.sleep_mode,
                 kv_cache_memory_bytes=r.kv_cache_memory_bytes if on_cpu else None,
                 gpu_memory_utilization=r.gpu_memory_utilization, seed=self.cfg.trainer.seed,
-                bucket_bytes=r.weight_sync_bucket_mb << 20, weight_transport=r.weight_transport))
+                bucket_bytes=r.weight_sync_bucket_mb << 20, weight_transport=r.weight_transport,
+                logprobs_mode=self.logprobs_mode))
         engine.start()
         return engine
 

@@ -406,7 +406,7 @@ def test_checkpoint_resume_is_bit_identical(workers, tiny_hf_checkpoint, tmp_pat
         assert r["diff"] == 0.0, r
 
 
-def _repeated_updates(hf_path, tp, sp):
+def _repeated_updates(hf_path, tp, sp, dtype="fp32"):
     """Five updates on one fixed batch (a small lr keeps the ratios inside the clip range, where the clipped
     surrogate is not flat): the loss must go down at every step."""
     import torch
@@ -419,10 +419,10 @@ def _repeated_updates(hf_path, tp, sp):
     from megatron_pgpo.trainer.batch import collate, length_bucketed_micro_batches
     from megatron_pgpo.trainer.policy import MegatronPolicy
 
-    model = build_model(hf_path, tp=tp, sequence_parallel=sp)
+    model = build_model(hf_path, tp=tp, sequence_parallel=sp, dtype=dtype)
     load_hf_into_model(model, hf_path, ps.get_tensor_model_parallel_rank(), tp)
     cfg = load_config(None, [f"parallel.tensor_model_parallel_size={tp}", f"parallel.sequence_parallel={str(sp).lower()}",
-                             "trainer.lr=1e-4"])
+                             "trainer.lr=1e-4", f"model.dtype={dtype}"])
     policy = MegatronPolicy(model, cfg)
     samples = _samples()
     micro = [collate(samples, idx, IMAGE_TOKEN_ID, 2, pad_to_multiple_of=tp if sp else 1)
@@ -432,20 +432,37 @@ def _repeated_updates(hf_path, tp, sp):
     extras = [{"old_logp": torch.stack([old[i] for i in mb.indices]),
                "advantages": adv[mb.indices][:, None] * mb.response_mask} for mb in micro]
     total = float(sum(len(s.response_ids) for s in samples))
-    losses = [policy.update(micro, extras, total, float(N_SAMPLES))["actor/loss"] for _ in range(5)]
+    stats = [policy.update(micro, extras, total, float(N_SAMPLES)) for _ in range(5)]
+    losses = [s["actor/loss"] for s in stats]
     # First update: ratio 1 everywhere, so the token-mean loss is minus the token-weighted mean advantage.
     first = -sum(float(adv[i]) * len(s.response_ids) for i, s in enumerate(samples)) / total
-    return losses, first
+    return losses, first, [s["actor/grad_norm"] for s in stats], [s["actor/skipped_updates"] for s in stats]
 
 
-@pytest.mark.parametrize("sp", [False, True])
-def test_loss_decreases_over_repeated_updates_on_a_fixed_batch(workers, tiny_hf_checkpoint, sp):
-    results = workers.run(_repeated_updates, str(tiny_hf_checkpoint), 2, sp, tp=2)
-    losses, first = results[0]
-    assert results[1][0] == pytest.approx(losses, abs=1e-6)  # TP ranks agree
-    assert losses[0] == pytest.approx(first, abs=1e-5)
+@pytest.mark.parametrize("sp, dtype", [(False, "fp32"), (True, "fp32"), (False, "fp16")])
+def test_loss_decreases_over_repeated_updates_on_a_fixed_batch(workers, tiny_hf_checkpoint, sp, dtype):
+    """fp16 too: Megatron's dynamic loss scale must reach the backward pass (``grad_scale_func``), else every fp16
+    gradient arrives divided by the initial 2^32 scale and the weights do not move."""
+    results = workers.run(_repeated_updates, str(tiny_hf_checkpoint), 2, sp, dtype, tp=2)
+    losses, first, _, skipped = results[0]
+    assert skipped == [0.0] * 5
+    tol = 1e-6 if dtype == "fp32" else 1e-3
+    assert results[1][0] == pytest.approx(losses, abs=tol)  # TP ranks agree
+    assert losses[0] == pytest.approx(first, abs=1e-5 if dtype == "fp32" else 1e-2)
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < losses[0] - 1e-3, losses
+
+
+def _fp16_and_fp32_gradients(hf_path):
+    return [_repeated_updates(hf_path, 2, False, dtype)[2][0] for dtype in ("fp32", "fp16")]
+
+
+def test_fp16_gradient_has_the_fp32_scale(workers, tiny_hf_checkpoint):
+    """The first update's gradient norm in fp16 equals fp32's up to fp16 rounding: the loss scale multiplies the
+    loss before backward and is divided out after. Measured without ``grad_scale_func``: fp16's norm was fp32's
+    / 65536 (the initial scale), which Adam's normalisation hides from the loss curve."""
+    fp32, fp16 = workers.run(_fp16_and_fp32_gradients, str(tiny_hf_checkpoint), tp=2)[0]
+    assert fp16 == pytest.approx(fp32, rel=0.05), (fp16, fp32)
 
 
 def _save_before_any_update(hf_path, ckpt_dir):
