@@ -40,6 +40,10 @@ class DAPOConfig(Section):
     """Drop groups whose rewards are all equal and sample more prompts until the batch is full."""
     max_sampling_rounds: int = 3
     """Bound on dynamic-sampling rounds per step; after it the step trains on what it has."""
+    filter_metric: Literal["reward", "accuracy"] = "reward"
+    """What must vary within a group for dynamic sampling to keep it: the total reward (accuracy and format), or
+    the answer accuracy alone (DAPO's paper and verl's filter_groups.metric=acc: a group whose answers are all
+    right or all wrong is dropped even when the format varies). The example recipes use accuracy."""
     overlong_filter: bool = False
     """Mask out responses cut at max_new_tokens (no reward or penalty for an unfinished answer)."""
     overlong_buffer: int = 0

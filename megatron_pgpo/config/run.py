@@ -30,12 +30,24 @@ class DataConfig(Section):
     """Prompts longer than this many tokens (image tokens included) are skipped and counted."""
     max_pixels: int = 1003520
     """Images are resized (aspect kept) to at most this many pixels before the processor sees them."""
+    min_pixels: Optional[int] = None
+    """Images of local files smaller than this are upscaled (aspect kept) to at least this many pixels (None: as
+    they are; the image processor's own min_pixels still applies after)."""
+    prompt_template: str = "{question} Think inside <think> </think> , then give the final answer in \\boxed{} ."
+    """The user turn's text after the image: {question} is replaced by the question (training, evaluation and
+    the prompt-length check use it). The default asks for the format the format reward checks."""
     shuffle: bool = True
     """Shuffle deterministically from trainer.seed and the epoch."""
 
     def validate(self) -> None:
         for name in ("num_train_examples", "num_val_examples", "rollout_batch_size", "max_prompt_length", "max_pixels"):
             require_positive(f"data.{name}", getattr(self, name))
+        require("{question}" in self.prompt_template,
+                f"data.prompt_template needs a {{question}} placeholder, got {self.prompt_template!r}")
+        if self.min_pixels is not None:
+            require_positive("data.min_pixels", self.min_pixels)
+            require(self.min_pixels <= self.max_pixels,
+                    f"data.min_pixels={self.min_pixels} exceeds data.max_pixels={self.max_pixels}")
 
 
 @dataclass

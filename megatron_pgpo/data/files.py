@@ -131,9 +131,23 @@ def downscale(image, max_pixels: int):
     return image.resize(size, resample=3)
 
 
+def fit_pixels(image, max_pixels: Optional[int] = None, min_pixels: Optional[int] = None):
+    """``image`` resized (aspect kept, bicubic) into ``[min_pixels, max_pixels]`` pixels; unchanged inside."""
+    import math
+
+    area = image.width * image.height
+    if max_pixels is not None and area > max_pixels:
+        return downscale(image, max_pixels)
+    if min_pixels is not None and area < min_pixels:
+        scale = math.sqrt(min_pixels / area)
+        return image.resize((math.ceil(image.width * scale), math.ceil(image.height * scale)), resample=3)
+    return image
+
+
 def load_examples(path: str, layout: str = "auto", prompt_length: Optional[Callable[[Example], int]] = None,
                   max_prompt_length: Optional[int] = None, limit: Optional[int] = None,
-                  max_pixels: Optional[int] = None) -> Tuple[List[Example], SkipCounter]:
+                  max_pixels: Optional[int] = None, min_pixels: Optional[int] = None
+                  ) -> Tuple[List[Example], SkipCounter]:
     """Usable examples of a local dataset and the count of skipped rows per reason.
 
     Args:
@@ -143,6 +157,7 @@ def load_examples(path: str, layout: str = "auto", prompt_length: Optional[Calla
         max_prompt_length: rows over it are skipped (needs ``prompt_length``).
         limit: stop after this many usable examples.
         max_pixels: larger images are downscaled (aspect kept) to at most this many pixels.
+        min_pixels: smaller images are upscaled (aspect kept) to at least this many pixels.
     """
     import datasets
 
@@ -166,8 +181,7 @@ def load_examples(path: str, layout: str = "auto", prompt_length: Optional[Calla
         except Exception as exc:  # corrupt bytes, missing file, several images
             skipped.skip(f"a missing or unreadable image ({type(exc).__name__})", where)
             continue
-        if max_pixels is not None and image.width * image.height > max_pixels:
-            image = downscale(image, max_pixels)
+        image = fit_pixels(image, max_pixels, min_pixels)
         question = question.replace("<image>", "").strip()  # datasets mark the image slot; our template adds it
         example = Example(image=image, question=question, answer=answer, task=Path(path).stem, uid=f"{where}")
         if max_prompt_length is not None and prompt_length is not None and prompt_length(example) > max_prompt_length:

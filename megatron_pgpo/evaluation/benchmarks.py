@@ -69,16 +69,14 @@ class Problem:
     options: Dict[str, str] = field(default_factory=dict)  # letter -> option text, where known
     base_dir: Path = Path(".")
     max_pixels: Optional[int] = None
+    min_pixels: Optional[int] = None
 
     @property
     def image(self):
-        """The RGB image, downscaled to ``max_pixels``."""
-        from ..data.files import downscale
+        """The RGB image, resized into ``[min_pixels, max_pixels]``."""
+        from ..data.files import fit_pixels
 
-        image = load_image(self.image_ref, self.base_dir)
-        if self.max_pixels is not None and image.width * image.height > self.max_pixels:
-            image = downscale(image, self.max_pixels)
-        return image
+        return fit_pixels(load_image(self.image_ref, self.base_dir), self.max_pixels, self.min_pixels)
 
 
 @dataclass(frozen=True)
@@ -251,7 +249,8 @@ def benchmark_dir(data_dir: Union[str, Path], name: str) -> Path:
 
 
 def load_benchmark(name: str, data_dir: Union[str, Path], limit: Optional[int] = None,
-                   max_pixels: Optional[int] = None) -> Tuple[List[Problem], SkipCounter]:
+                   max_pixels: Optional[int] = None, min_pixels: Optional[int] = None
+                   ) -> Tuple[List[Problem], SkipCounter]:
     """The usable problems of benchmark ``name`` from ``data_dir/name/`` and the rows skipped per reason."""
     bench = get_benchmark(name)
     directory = benchmark_dir(data_dir, name)
@@ -282,7 +281,7 @@ def load_benchmark(name: str, data_dir: Union[str, Path], limit: Optional[int] =
         problems.append(Problem(uid=uid, question=question, image_ref=fields.image, answer=fields.answer,
                                 answer_type=fields.answer_type or infer_answer_type(fields.answer, fields.options),
                                 task=name, options=dict(fields.options), base_dir=path.parent,
-                                max_pixels=max_pixels))
+                                max_pixels=max_pixels, min_pixels=min_pixels))
         if limit is not None and len(problems) >= limit:
             break
     if rows == 0:

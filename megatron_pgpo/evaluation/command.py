@@ -37,8 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=("vllm", "transformers"), default="vllm", help="rollout engine (default vllm)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM tensor parallelism (default 1)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM's share of each GPU (default 0.9)")
-    p.add_argument("--instruction", default=None,
-                   help="format instruction after each question (default: the training one, asking for \\boxed{})")
+    p.add_argument("--prompt-template", default=None,
+                   help="the text after the image, {question} replaced by the question (default: training's "
+                   "data.prompt_template default, which asks for the answer in \\boxed{})")
+    p.add_argument("--min-pixels", type=int, default=None, help="smaller images are upscaled (default: none)")
     p.add_argument("--verifier-workers", type=int, default=2, help="answer-checking processes (default 2)")
     p.add_argument("--rescore", action="store_true", help="judge the saved responses again; generate nothing")
     p.add_argument("--overwrite", action="store_true", help="discard saved samples and start again")
@@ -93,7 +95,8 @@ def load_benchmarks(args, prompt_length) -> Tuple[Dict[str, list], Dict[str, Dic
 
     loaded, skipped = {}, {}
     for name in [n.strip() for n in args.benchmarks.split(",") if n.strip()]:
-        problems, counter = load_benchmark(name, args.data_dir, limit=args.limit, max_pixels=args.max_pixels)
+        problems, counter = load_benchmark(name, args.data_dir, limit=args.limit, max_pixels=args.max_pixels,
+                                           min_pixels=args.min_pixels)
         fits = []
         for p in problems:
             if prompt_length(p) > args.max_prompt_length:
@@ -124,13 +127,13 @@ def make_engine(args, model_path: Path, out: Path):
         seed=args.seed))
 
 
-def engine_sampler(engine, args, instruction: str):
+def engine_sampler(engine, args, template: str):
     """``runner.Sampler`` over one engine."""
     from ..rollout.engine import RolloutRequest, SamplingConfig
     from ..trainer.prompts import messages_for
 
     def sample(problems, n, seed) -> List[List[Tuple[str, str]]]:
-        outputs = engine.generate([RolloutRequest(messages_for(p.question, instruction), p.image) for p in problems],
+        outputs = engine.generate([RolloutRequest(messages_for(p.question, template), p.image) for p in problems],
                                   SamplingConfig(n=n, temperature=args.temperature, top_p=args.top_p,
                                                  max_tokens=args.max_new_tokens, seed=seed))
         grouped: List[List[Tuple[str, str]]] = [[] for _ in problems]
@@ -152,7 +155,7 @@ def run_eval(args: argparse.Namespace) -> int:
     _validate(args)
     import megatron_pgpo.models.qwen2_5_vl  # noqa: F401  (torchvision shim before transformers)
 
-    from ..trainer.prompts import INSTRUCTION, PromptLength
+    from ..trainer.prompts import DEFAULT_TEMPLATE, PromptLength, render_prompt
     from .protocol import Protocol, SampleCache, markdown_table, write_results
     from .runner import evaluate, rescore
     from .scoring import BenchmarkScorer
@@ -160,24 +163,28 @@ def run_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_path = resolve_model(args.model, out)
-    instruction = INSTRUCTION if args.instruction is None else args.instruction
-    benchmarks, skipped = load_benchmarks(args, PromptLength(str(model_path), instruction))
+    template = DEFAULT_TEMPLATE if args.prompt_template is None else args.prompt_template
+    try:
+        render_prompt("", template)
+    except ValueError as exc:
+        raise SystemExit(f"error: --prompt-template: {exc}") from None
+    benchmarks, skipped = load_benchmarks(args, PromptLength(str(model_path), template))
     protocol = Protocol(model=str(Path(args.model).resolve()), k=args.k, temperature=args.temperature,
-                        top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, instruction=instruction)
+                        top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, prompt_template=template)
     cache = SampleCache(out, protocol, overwrite=args.overwrite)
     with BenchmarkScorer(num_workers=args.verifier_workers) as scorer:
         if args.rescore:
             document = rescore(benchmarks, protocol, scorer, cache, skipped)
         else:
             document = _generate_and_score(args, model_path, out, benchmarks, skipped, protocol, cache, scorer,
-                                           instruction, evaluate)
+                                           template, evaluate)
     paths = write_results(out, document)
     print(markdown_table(document))
     print(f"wrote {paths[0]}, {paths[1]} and {out / 'samples'}/")
     return 0
 
 
-def _generate_and_score(args, model_path, out, benchmarks, skipped, protocol, cache, scorer, instruction, evaluate):
+def _generate_and_score(args, model_path, out, benchmarks, skipped, protocol, cache, scorer, template, evaluate):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .protocol import missing_samples
@@ -197,7 +204,7 @@ def _generate_and_score(args, model_path, out, benchmarks, skipped, protocol, ca
                 if name not in tasks:
                     tasks[name] = bar.add_task(f"eval {name}", total=total)
                 bar.update(tasks[name], completed=done)
-            sampler = engine_sampler(engine, args, instruction) if engine is not None else None
+            sampler = engine_sampler(engine, args, template) if engine is not None else None
             return evaluate(benchmarks, sampler, protocol, scorer, cache, skipped, progress=progress)
     finally:
         if engine is not None:

@@ -30,7 +30,7 @@ class Protocol:
     top_p: float = 1.0
     max_new_tokens: int = 2048
     seed: int = 0
-    instruction: str = ""
+    prompt_template: str = ""
 
 
 @dataclass

@@ -38,8 +38,9 @@ def datasets_for(cfg: Config):
 
     from .prompts import PromptLength
 
-    limits = dict(prompt_length=PromptLength(cfg.model.hf_path), max_prompt_length=cfg.data.max_prompt_length,
-                  max_pixels=cfg.data.max_pixels)
+    limits = dict(prompt_length=PromptLength(cfg.model.hf_path, cfg.data.prompt_template),
+                  max_prompt_length=cfg.data.max_prompt_length, max_pixels=cfg.data.max_pixels,
+                  min_pixels=cfg.data.min_pixels)
     train, skipped = load_examples(cfg.data.train_path, cfg.data.layout, **limits)
     if skipped.total:
         log.warning("skipped %d training rows: %s", skipped.total, dict(skipped.counts))

@@ -50,7 +50,8 @@ def eval_benchmarks(cfg: Config, val_dataset) -> Dict[str, list]:
     if e.benchmarks:
         out = {}
         for name in e.benchmarks:
-            problems, skipped = load_benchmark(name, e.data_dir, limit=e.limit, max_pixels=cfg.data.max_pixels)
+            problems, skipped = load_benchmark(name, e.data_dir, limit=e.limit, max_pixels=cfg.data.max_pixels,
+                                               min_pixels=cfg.data.min_pixels)
             if skipped.total:
                 log.warning("eval %s: skipped %d rows: %s", name, skipped.total, dict(skipped.counts))
             out[name] = problems

@@ -9,14 +9,24 @@ from typing import Any, Dict, Hashable, List, Sequence, Tuple
 
 import torch
 
-#: Appended to every question: the format the 0.1 format reward checks.
+#: Appended to every question by the default template: the format the 0.1 format reward checks.
 INSTRUCTION = "Think inside <think> </think> , then give the final answer in \\boxed{} ."
 
+#: ``data.prompt_template``'s default: the question, then the format instruction.
+DEFAULT_TEMPLATE = "{question} " + INSTRUCTION
 
-def messages_for(question: str, instruction: str = INSTRUCTION) -> List[Dict[str, Any]]:
-    """One user turn with the image first, then the question and the answer-format instruction."""
-    text = f"{question} {instruction}" if instruction else question
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+def render_prompt(question: str, template: str = DEFAULT_TEMPLATE) -> str:
+    """``template`` with ``{question}`` replaced (plain replacement: braces elsewhere, as in ``\\boxed{}``, stay)."""
+    if "{question}" not in template:
+        raise ValueError(f"a prompt template needs a {{question}} placeholder, got {template!r}")
+    return template.replace("{question}", question)
+
+
+def messages_for(question: str, template: str = DEFAULT_TEMPLATE) -> List[Dict[str, Any]]:
+    """One user turn with the image first, then the question in ``template`` (with the answer-format
+    instruction)."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": render_prompt(question, template)}]}]
 
 
 @dataclass
@@ -82,7 +92,7 @@ class PromptLength:
     """Tokens of an example's prompt as the engine will see it: the chat template's text tokens with the image
     placeholder expanded to the processor's image-token count (computed from the image size, no pixel work)."""
 
-    def __init__(self, model_path: str, instruction: str = INSTRUCTION):
+    def __init__(self, model_path: str, template: str = DEFAULT_TEMPLATE):
         from ..compat.torchvision_ops import ensure_torchvision_importable
 
         ensure_torchvision_importable()  # AutoImageProcessor may reach for torchvision (docs/stack.md)
@@ -91,10 +101,10 @@ class PromptLength:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.processor = AutoImageProcessor.from_pretrained(model_path)
         self.merge = getattr(self.processor, "merge_size", 2)
-        self.instruction = instruction
+        self.template = template
 
     def __call__(self, example) -> int:
-        text = self.tokenizer.apply_chat_template(messages_for(example.question, self.instruction), tokenize=False,
+        text = self.tokenizer.apply_chat_template(messages_for(example.question, self.template), tokenize=False,
                                                   add_generation_prompt=True)
         n_text = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         width, height = example.image.size

@@ -50,7 +50,7 @@ class Rollouts:
         # The engine accepts the longest prompt the data allows plus the longest response; a prompt still longer
         # (the built-in tasks are not filtered when loaded) is skipped and counted, never a failed step.
         self.max_model_len = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
-        self.prompt_length = PromptLength(cfg.model.hf_path) if self.owner else None
+        self.prompt_length = PromptLength(cfg.model.hf_path, cfg.data.prompt_template) if self.owner else None
         self.skipped_long_prompts = 0
         self.engine = self._make_engine() if self.owner else None
         r = cfg.reward
@@ -130,7 +130,8 @@ class Rollouts:
             if self.owner and mine:
                 examples = [dataset[i] for i in mine]
                 outputs = self.engine.generate(
-                    [RolloutRequest(messages_for(e.question), e.image) for e in examples], sampling)
+                    [RolloutRequest(messages_for(e.question, self.cfg.data.prompt_template), e.image)
+                     for e in examples], sampling)
                 results = self.scorer.score_batch([o.text for o in outputs],
                                                   [examples[o.request_index].answer for o in outputs]) if score \
                     else [None] * len(outputs)
@@ -196,9 +197,8 @@ class Rollouts:
             everything += samples
             stats["sampling/rounds"] += 1
             if dapo.dynamic_sampling:
-                rewards = torch.tensor([s.reward for s in samples])
                 groups = torch.tensor([s.group for s in samples])
-                keep = dapo_keep_groups(rewards, groups)
+                keep = dapo_keep_groups(filter_values(samples, dapo.filter_metric), groups)
                 stats["sampling/dropped_groups"] += float(len(set(groups.tolist())) - len(set(groups[keep].tolist())))
                 samples = [s for s, k in zip(samples, keep.tolist()) if k]
             kept += samples
@@ -223,7 +223,8 @@ class Rollouts:
             self.eval_scorer = BenchmarkScorer(num_workers=self.cfg.reward.num_workers,
                                                timeout_s=self.cfg.reward.timeout_s)
         protocol = Protocol(model=str(self.cfg.model.hf_path), k=e.k, temperature=e.temperature, top_p=e.top_p,
-                            max_new_tokens=self.cfg.rollout.max_new_tokens, seed=self.cfg.trainer.seed)
+                            max_new_tokens=self.cfg.rollout.max_new_tokens, seed=self.cfg.trainer.seed,
+                            prompt_template=self.cfg.data.prompt_template)
         document = evaluate(benchmarks, self._sample_texts, protocol, self.eval_scorer if self.rank == 0 else None)
         stats: Dict[str, float] = {}
         if document is not None:
@@ -265,6 +266,15 @@ class Rollouts:
             self.scorer.close()
         if self.eval_scorer is not None:
             self.eval_scorer.close()
+
+
+def filter_values(samples: List[Sample], metric: str) -> torch.Tensor:
+    """``[N]`` what DAPO's dynamic sampling compares within each group: ``reward`` or ``accuracy``."""
+    if metric == "accuracy":
+        return torch.tensor([float(s.extra["accuracy"]) for s in samples])
+    if metric == "reward":
+        return torch.tensor([float(s.reward) for s in samples])
+    raise ValueError(f"algorithm.dapo.filter_metric={metric!r}: valid: reward, accuracy")
 
 
 def reward_stats(samples: List[Sample], stats: Dict[str, float]) -> Dict[str, float]:

@@ -60,6 +60,12 @@ def test_yaml_round_trip(tmp_path):
         (["novalue"], "must look like section.key=value"),
         (["rollout.weight_transport=cuda_ipc", "parallel.device=cpu"], "cuda_ipc shares GPU buffers"),
         (["rollout.weight_transport=nccl"], "rollout.weight_transport='nccl' is not valid"),
+        (["data.prompt_template=Answer this."], "data.prompt_template needs a {question} placeholder"),
+        (["data.min_pixels=2000000"], "data.min_pixels=2000000 exceeds data.max_pixels=1003520"),
+        (["algorithm.dapo.filter_metric=format"], "algorithm.dapo.filter_metric='format' is not valid"),
+        (["trainer.lr_schedule=wsd"], "trainer.lr_schedule='wsd' is not valid"),
+        (["eval.benchmarks=[geo3k]"], "eval.benchmarks needs eval.data_dir"),
+        (["eval.benchmarks=[mmmu]", "eval.data_dir=x"], "eval.benchmarks: unknown \\['mmmu'\\]; valid: geo3k"),
     ],
 )
 def test_bad_values_raise_with_the_key_and_a_fix(overrides, message):
