@@ -1,5 +1,6 @@
-"""Policy losses: the clipped surrogate (PPO / GRPO / DAPO clip-higher), loss aggregation and the optional
-KL-to-reference penalty.
+"""Policy losses: the clipped surrogate (PPO / GRPO / DAPO clip-higher), loss aggregation, and the optional
+KL-to-reference penalty and entropy bonus (verl's actor: ``pg_loss - entropy_coeff * entropy + kl_coef * kl``, each
+term aggregated the same way).
 
 A loss receives per-token log-probs, never logits: turning vocab-parallel logits into log-probs happens before it
 (``megatron_pgpo.parallel``), so nothing here knows about tensor parallelism.
@@ -68,6 +69,11 @@ def clipped_policy_loss(
     aggregation: str = "token-mean",
     global_num_tokens: Optional[float] = None,
     global_num_seqs: Optional[float] = None,
+    ref_logp: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy: Optional[torch.Tensor] = None,
+    entropy_coef: float = 0.0,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Clipped surrogate ``L = -agg min(rho A~, clip(rho, 1 - clip_low, 1 + clip_high) A~)``, ``rho = exp(logp -
     old_logp)``. ``clip_low == clip_high`` is PPO/GRPO; DAPO's clip-higher uses ``0.2 / 0.28``.
@@ -80,6 +86,11 @@ def clipped_policy_loss(
         clip_low, clip_high: the ratio is clipped to ``[1 - clip_low, 1 + clip_high]``.
         aggregation: ``token-mean`` or ``seq-mean-token-mean``.
         global_num_tokens, global_num_seqs: global denominators (see ``aggregate_loss``).
+        ref_logp, kl_coef, kl_estimator: with ``kl_coef > 0``, ``+ kl_coef * agg reference_kl(logp, ref_logp)``
+            (``[B, T]`` log-probs under the frozen reference policy; ``k1`` / ``k2`` / ``k3`` as verl's
+            ``kl_loss_type``); metric ``kl_ref``.
+        entropy, entropy_coef: with ``entropy_coef > 0``, ``- entropy_coef * agg entropy`` (``[B, T]`` entropy of
+            the current policy, with gradient); metric ``entropy``.
 
     Returns:
         ``(loss, metrics)``; metrics are detached 0-d tensors, token means over valid tokens of this batch:
@@ -102,6 +113,18 @@ def clipped_policy_loss(
     clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     token_loss = torch.maximum(unclipped, clipped)
     loss = aggregate_loss(token_loss, mask, aggregation, global_num_tokens, global_num_seqs)
+    extra: Dict[str, torch.Tensor] = {}
+    if kl_coef > 0:
+        if ref_logp is None:
+            raise ValueError("kl_coef > 0 needs ref_logp [B, T] (the reference policy's log-probs)")
+        kl = reference_kl(logp, ref_logp, kl_estimator)
+        loss = loss + kl_coef * aggregate_loss(kl, mask, aggregation, global_num_tokens, global_num_seqs)
+        extra["kl_ref"] = masked_mean(kl.detach(), mask)
+    if entropy_coef > 0:
+        if entropy is None:
+            raise ValueError("entropy_coef > 0 needs entropy [B, T] (the current policy's, with gradient)")
+        loss = loss - entropy_coef * aggregate_loss(entropy, mask, aggregation, global_num_tokens, global_num_seqs)
+        extra["entropy"] = masked_mean(entropy.detach(), mask)
 
     with torch.no_grad():
         used_clip = clipped > unclipped
@@ -112,6 +135,7 @@ def clipped_policy_loss(
             "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
             "ratio_mean": masked_mean(ratio, mask),
             "ratio_max": torch.where(mask, ratio, torch.zeros_like(ratio)).max() if mask.any() else ratio.new_zeros(()),
+            **extra,
         }
     return loss, metrics
 

@@ -62,9 +62,12 @@ class KLConfig(Section):
     PATH: ClassVar[str] = "algorithm.kl"
 
     coef: float = 0.0
-    """Coefficient of the KL-to-reference penalty (GRPO as published); 0 disables it and its reference pass."""
+    """Coefficient of the KL-to-reference penalty in the loss (GRPO as published: 0.04; verl's use_kl_loss). The
+    reference is a frozen copy of model.hf_path, sharded like the policy, whose log-probs the scoring pass adds;
+    0 disables it, its pass and its memory. Logged as actor/kl_ref."""
     estimator: Literal["k1", "k2", "k3"] = "k3"
-    """Per-token KL estimator at the sampled token."""
+    """Per-token KL estimator at the sampled token, as verl's kl_loss_type: k1 the log-ratio, k2 half its square,
+    k3 the unbiased non-negative estimator GRPO uses."""
 
     def validate(self) -> None:
         require_positive("algorithm.kl.coef", self.coef, allow_zero=True)
@@ -97,10 +100,14 @@ class AlgorithmConfig(Section):
     """DAPO's sampling and length handling."""
     kl: KLConfig = field(default_factory=KLConfig)
     """Optional KL penalty to a frozen reference model."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: the loss subtracts entropy_coef x the aggregated per-token entropy of the current policy, as
+    verl's entropy_coeff (0: off, the entropy is then not computed in the update)."""
 
     def validate(self) -> None:
         from ..algorithms import ADVANTAGE_SHAPERS, POLICY_LOSSES  # registries are the source of valid names
 
+        require_positive("algorithm.entropy_coef", self.entropy_coef, allow_zero=True)
         require(
             self.advantage in ADVANTAGE_SHAPERS,
             f"algorithm.advantage={self.advantage!r} is not registered; valid: {', '.join(ADVANTAGE_SHAPERS.names())}",

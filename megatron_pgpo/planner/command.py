@@ -23,7 +23,7 @@ DEFAULTS: Dict[str, Any] = dict(
     recompute="selective", sequence_parallel=None, distributed_optimizer=True, train_vision_tower=True,
     gpu_memory_utilization=0.5, rollout_tp=None, tp=None, pp=None, make_vocab_size_divisible_by=128,
     vision_attention="auto", vision_recompute=False, sleep_mode=True, offload_during_rollout=False,
-    first_stage_layers=None, last_stage_layers=None, weight_sync_bucket_mb=512,
+    first_stage_layers=None, last_stage_layers=None, weight_sync_bucket_mb=512, reference_model=False,
 )
 
 
@@ -68,6 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="trainer.offload_during_rollout=true: the training state waits in host memory during rollouts")
     p.add_argument("--weight-sync-bucket-mb", type=int,
                    help="rollout.weight_sync_bucket_mb: the weight sync's bucket, held twice on stage 0 (default 512)")
+    p.add_argument("--kl-reference", dest="reference_model", action="store_true", default=None,
+                   help="algorithm.kl.coef > 0: a frozen reference copy of the weights for the KL penalty")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="model dtype (default bf16)")
     p.add_argument("--estimator", choices=("k3", "exact"), help="algorithm.pgpo.estimator (default k3)")
     p.add_argument("--kl-chunk-tokens", type=int, help="algorithm.pgpo.kl_chunk_tokens (default 1024)")
@@ -102,6 +104,7 @@ def _from_run_config(path: str) -> Dict[str, Any]:
                 vision_recompute=model.vision_recompute,
                 sleep_mode=True if r.sleep_mode is None else r.sleep_mode,  # None: on with CUDA, what plans are for
                 offload_during_rollout=t.offload_during_rollout, weight_sync_bucket_mb=r.weight_sync_bucket_mb,
+                reference_model=cfg.algorithm.kl.coef > 0,
                 make_vocab_size_divisible_by=model.make_vocab_size_divisible_by, n=r.n,
                 response_length=r.max_new_tokens, gpu_memory_utilization=r.gpu_memory_utilization,
                 rollout_batch_size=d.rollout_batch_size, prompt_length=d.max_prompt_length,
@@ -182,7 +185,8 @@ def run_plan(args: argparse.Namespace) -> int:
                       vision_attention=values["vision_attention"], vision_recompute=values["vision_recompute"],
                       sleep_mode=values["sleep_mode"], offload_during_rollout=values["offload_during_rollout"],
                       first_stage_layers=values["first_stage_layers"], last_stage_layers=values["last_stage_layers"],
-                      weight_sync_bucket_mb=values["weight_sync_bucket_mb"])
+                      weight_sync_bucket_mb=values["weight_sync_bucket_mb"],
+                      reference_model=values["reference_model"])
     try:
         rec = recommend(shape, workload, options, tp=values["tp"], pp=values["pp"])
     except ValueError as exc:

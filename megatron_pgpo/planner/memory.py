@@ -7,7 +7,8 @@ A GPU of a colocated run holds two things, at once or in turns:
   divided over the rollout TP (a GPU keeps at least one KV head). One engine serves each DP replica, so its share
   of a rollout step is ``rollout_batch_size / DP x n`` sequences of ``prompt + response`` tokens; when their KV
   does not fit at once vLLM runs them in waves (``rollout_waves``). It cannot start without room for one sequence.
-* Training: weights + gradients + optimizer state (``buffers.py``, exact), plus the larger of the update pass
+* Training: weights + gradients + optimizer state (``buffers.py``, exact; plus a frozen reference copy of the
+  weights with ``algorithm.kl.coef > 0``, which stays on the GPU during rollouts even when offloading), plus the larger of the update pass
   (activations of the in-flight micro-batches, the vision tower's on the first stage, the logits and their gradient
   on the last) and the scoring pass (no gradient: the image and text-only logits of the response tokens on the last
   stage). A flat reserve stands for the CUDA context, NCCL buffers and allocator fragmentation (not modelled).
@@ -84,6 +85,7 @@ class Layout:
     sleep_mode: bool = True  # rollout.sleep_mode: the engine frees its share while training runs
     offload_during_rollout: bool = False  # trainer.offload_during_rollout: training state in host memory meanwhile
     weight_sync_bucket_mb: int = 512  # rollout.weight_sync_bucket_mb
+    reference_model: bool = False  # algorithm.kl.coef > 0: a frozen copy of the weights for the KL penalty
 
     @property
     def gpus(self) -> int:
@@ -104,10 +106,11 @@ class StageMemory:
     update_logits: int  # last stage only
     scoring_logits: int  # last stage only (chunked, what our code does)
     scoring_logits_unchunked: int  # last stage only (a plain fp32 log-softmax, for comparison)
+    reference: int = 0  # the KL penalty's frozen reference weights (algorithm.kl.coef > 0)
 
     @property
     def state(self) -> int:
-        return self.weights + self.grads + self.optimizer
+        return self.weights + self.grads + self.optimizer + self.reference
 
     @property
     def update_pass(self) -> int:
@@ -165,7 +168,7 @@ class MemoryPlan:
 
     def kept_during_rollout(self, stage: StageMemory) -> int:
         """What training keeps on a GPU of ``stage`` while the engine generates (its state, unless offloaded)."""
-        return 0 if self.layout.offload_during_rollout else stage.state
+        return stage.reference if self.layout.offload_during_rollout else stage.state
 
     @property
     def rollout_headroom(self) -> int:
@@ -278,7 +281,7 @@ def stage_memory(shape: ModelShape, layout: Layout, workload: Workload, stage: i
     return StageMemory(stage=stage, parameters=sum(x.numel for x in tensors), weights=state.weights,
                        grads=state.grads, optimizer=state.optimizer, activations=int(activations),
                        vision_activations=int(vision), update_logits=update_logits, scoring_logits=scoring,
-                       scoring_logits_unchunked=unchunked)
+                       scoring_logits_unchunked=unchunked, reference=state.weights if layout.reference_model else 0)
 
 
 def estimate(shape: ModelShape, layout: Layout, workload: Workload, gpu_memory_gib: float,

@@ -54,6 +54,7 @@ class Options:
     sleep_mode: bool = True
     offload_during_rollout: bool = False
     weight_sync_bucket_mb: int = 512
+    reference_model: bool = False
 
 
 @dataclass
@@ -148,7 +149,7 @@ def _plan_split(shape: ModelShape, workload: Workload, options: Options, tp: int
                   vision_attention=options.vision_attention, vision_recompute=options.vision_recompute,
                   sleep_mode=options.sleep_mode, offload_during_rollout=options.offload_during_rollout,
                   first_stage_layers=first, last_stage_layers=last,
-                  weight_sync_bucket_mb=options.weight_sync_bucket_mb)
+                  weight_sync_bucket_mb=options.weight_sync_bucket_mb, reference_model=options.reference_model)
     mem = dict(gpu_memory_gib=options.gpu_memory_gib, gpu_memory_utilization=options.gpu_memory_utilization,
                reserve_gib=options.reserve_gib)
     if options.rollout_tp is not None:

@@ -9,7 +9,8 @@ from .model_size import ModelShape, hf_parameter_count, megatron_parameter_count
 from .recommend import Recommendation
 
 STAGE_TERMS = [("parameters", "parameters (elements)"), ("weights", "weights"), ("grads", "gradients (fp32)"),
-               ("optimizer", "optimizer state"), ("activations", "activations (decoder)"),
+               ("optimizer", "optimizer state"), ("reference", "reference weights (KL penalty)"),
+               ("activations", "activations (decoder)"),
                ("vision_activations", "activations (vision tower)"), ("update_logits", "logits, update pass"),
                ("scoring_logits", "logits, scoring pass (chunked)"),
                ("scoring_logits_unchunked", "  same with a plain fp32 log-softmax"), ("peak", "training peak")]

@@ -54,9 +54,6 @@ def check_supported(cfg: Config) -> None:
     from ..config import ConfigError
 
     problems = []
-    if cfg.algorithm.kl.coef > 0:
-        problems.append("algorithm.kl.coef > 0 (the reference-model KL penalty needs a reference pass the loop does "
-                        "not run yet); set algorithm.kl.coef=0")
     if cfg.model.init_checkpoint is not None:
         problems.append("model.init_checkpoint (start from model.hf_path; a run resumes from its own checkpoints in "
                         "trainer.run_dir)")

@@ -92,16 +92,26 @@ class Trainer:
         self.device = device if device is not None else current_device()
         # Built on its device without random init: every parameter is loaded from the checkpoint next (the loader
         # refuses a model it leaves partly unloaded), then DDP wraps it (Megatron-LM's get_model order).
-        model = build_model(hf_path, tp=self.tp, pp=self.pp, dtype=cfg.model.dtype,
-                            transformer_impl=cfg.model.transformer_impl, sequence_parallel=cfg.parallel.sequence_parallel,
-                            make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
-                            recompute=cfg.model.recompute, fp8=cfg.model.fp8, fp8_recipe=cfg.model.fp8_recipe,
-                            init_weights=False, device=self.device, first_stage_layers=cfg.parallel.first_stage_layers,
-                            last_stage_layers=cfg.parallel.last_stage_layers,
-                            vision_attention=cfg.model.vision_attention, vision_recompute=cfg.model.vision_recompute)
-        load_hf_into_model(model, hf_path, ps.get_tensor_model_parallel_rank(), self.tp,
-                           ps.get_pipeline_model_parallel_rank(), self.pp, cfg.model.transformer_impl)
-        self.policy = MegatronPolicy(model, cfg)
+        def build_and_load():
+            model = build_model(hf_path, tp=self.tp, pp=self.pp, dtype=cfg.model.dtype,
+                                transformer_impl=cfg.model.transformer_impl,
+                                sequence_parallel=cfg.parallel.sequence_parallel,
+                                make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
+                                recompute=cfg.model.recompute, fp8=cfg.model.fp8, fp8_recipe=cfg.model.fp8_recipe,
+                                init_weights=False, device=self.device,
+                                first_stage_layers=cfg.parallel.first_stage_layers,
+                                last_stage_layers=cfg.parallel.last_stage_layers,
+                                vision_attention=cfg.model.vision_attention,
+                                vision_recompute=cfg.model.vision_recompute)
+            load_hf_into_model(model, hf_path, ps.get_tensor_model_parallel_rank(), self.tp,
+                               ps.get_pipeline_model_parallel_rank(), self.pp, cfg.model.transformer_impl)
+            return model
+
+        model = build_and_load()
+        # The KL penalty's frozen reference: the same stage of the initial weights (not checkpointed: a resumed run
+        # rebuilds it from model.hf_path).
+        reference = build_and_load() if cfg.algorithm.kl.coef > 0 else None
+        self.policy = MegatronPolicy(model, cfg, reference=reference)
         self.image_token_id = model.image_token_id
         self.merge = model.spatial_merge_size
         self.stream = PromptStream(len(dataset), cfg.trainer.seed, cfg.data.shuffle)
@@ -191,6 +201,10 @@ class Trainer:
             log_samples(self, samples, flat, seq_adv.tolist(), step=self.step + 1,
                         uses_scores=getattr(shaper, "uses_visual_dependency", False))
         old_logp = {i: so.logp[row] for so in flat for row, i in enumerate(so.indices)}
+        ref_logp = {}
+        if cfg.algorithm.kl.coef > 0:  # the frozen reference's log-probs of the same tokens (image rows)
+            ref_logp = {i: so.logp[row] for mbs in micro for so in self.policy.score(mbs, reference=True)
+                        for row, i in enumerate(so.indices)}
         entropy_sum = sum(float(so.entropy.sum()) for so in flat)
         t1 = time.perf_counter()
         updates: List[Dict[str, float]] = []
@@ -207,6 +221,8 @@ class Trainer:
                     if self.is_last_stage:
                         extras.append({"old_logp": torch.stack([old_logp[i][:width] for i in mb.indices]),
                                        "advantages": torch.stack([token_adv[i][:width] for i in mb.indices])})
+                        if ref_logp:
+                            extras[-1]["ref_logp"] = torch.stack([ref_logp[i][:width] for i in mb.indices])
                     else:
                         extras.append({})
                 n_tokens = float(sum(len(samples[i].response_ids) for i in usable))
@@ -216,7 +232,8 @@ class Trainer:
             stats = {k: v for k, v in stats.items() if not k.startswith("vd/")}
         n_tok = max(sum(len(s.response_ids) for s in samples), 1)
         summary = torch.tensor([entropy_sum] + [sum(u.get(k, 0.0) for u in updates) for k in
-                                                ("actor/loss", "actor/clip_fraction", "actor/approx_kl")],
+                                                ("actor/loss", "actor/clip_fraction", "actor/approx_kl",
+                                                 "actor/kl_ref")],
                                dtype=torch.float64)
         collectives.all_reduce(summary)  # last-stage ranks hold these; DP ranks each hold their share
         n_up = max(len(updates), 1)
@@ -226,6 +243,7 @@ class Trainer:
             "actor/loss": float(summary[1]) / n_up / self.tp,
             "actor/clip_fraction": float(summary[2]) / n_up / last_ranks,
             "actor/approx_kl": float(summary[3]) / n_up / last_ranks,
+            **({"actor/kl_ref": float(summary[4]) / n_up / last_ranks} if cfg.algorithm.kl.coef > 0 else {}),
             "actor/grad_norm": max(u["actor/grad_norm"] for u in updates) if updates else 0.0,
             "actor/skipped_updates": sum(u["actor/skipped_updates"] for u in updates),
             "actor/lr": current_lr(self.policy.optimizer),

@@ -123,8 +123,13 @@ def update_loss_func(mb: ModelBatch, extras: Dict[str, torch.Tensor], output: to
     mask = mb.response_mask.to(output.device)
     logp = scatter_to_mask(vocab_parallel_logprobs(output, mb.input_ids.to(output.device)[mask],
                                                    vocab_size=vocab_size), mask)
+    penalties = {}
+    if "ref_logp" in extras:
+        penalties["ref_logp"] = extras["ref_logp"]
+    if loss_kwargs.get("entropy_coef", 0.0) > 0:  # with gradient: the bonus pushes it up
+        penalties["entropy"] = scatter_to_mask(vocab_parallel_entropy(output, vocab_size=vocab_size), mask)
     loss, metrics = POLICY_LOSSES.get(loss_name)(logp, extras["old_logp"], extras["advantages"], mask,
-                                                 **loss_kwargs)
+                                                 **loss_kwargs, **penalties)
     reported = {k: v.detach() for k, v in metrics.items()}
     reported["loss"] = loss.detach()
     reported["tokens"] = torch.tensor(float(mb.num_response_tokens))
@@ -183,7 +188,7 @@ class MegatronPolicy:
         cfg: the run ``Config`` (optimizer, parallel and algorithm settings are read from it).
     """
 
-    def __init__(self, model, cfg):
+    def __init__(self, model, cfg, reference=None):
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -191,6 +196,12 @@ class MegatronPolicy:
 
         self.cfg = cfg
         self.tf_config = model.config
+        # The frozen reference of the KL penalty (algorithm.kl.coef > 0): this rank's stage of the initial weights,
+        # sharded like the policy; forward only, never wrapped or optimised.
+        self.reference = reference
+        if reference is not None:
+            reference.requires_grad_(False)
+            reference.eval()
         self.vocab_size = model.vocab_size
         if not cfg.model.train_vision_tower and model.vision_model is not None:
             model.vision_model.requires_grad_(False)
@@ -225,7 +236,7 @@ class MegatronPolicy:
         return self.model.module
 
     def _run(self, micro_batches: List[ModelBatch], extras: List[dict], variant: str, loss_func,
-             forward_only: bool):
+             forward_only: bool, model=None):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         # Shapes for the pipeline's first receive buffers; with PP > 1 the config's variable_seq_lengths makes the
@@ -236,7 +247,7 @@ class MegatronPolicy:
             forward_step_func=partial(_forward_step, variant, loss_func, self.share_prompts, self.width_multiple,
                                       self.device),
             data_iterator=iter(list(zip(micro_batches, extras))),
-            model=[self.model],
+            model=[self.model if model is None else model],
             num_microbatches=len(micro_batches),
             seq_length=seq,
             micro_batch_size=rows,
@@ -244,18 +255,23 @@ class MegatronPolicy:
         )
 
     @torch.no_grad()
-    def score(self, micro_batches: List[ModelBatch], text_only: bool = True) -> List[ScoreOutput]:
+    def score(self, micro_batches: List[ModelBatch], text_only: bool = True, reference: bool = False
+              ) -> List[ScoreOutput]:
         """Old-policy log-probs, text-only log-probs, visual dependency and entropy (last stage; [] elsewhere).
 
         ``text_only=False`` skips the text-only pass (what GRPO/DAPO need): ``logp_text`` and ``scores`` are 0.
+        ``reference``: the frozen reference model's log-probs instead (image rows only).
         """
+        if reference and self.reference is None:
+            raise ValueError("no reference model: build the policy with reference= (algorithm.kl.coef > 0)")
+        text_only = text_only and not reference
         self.model.eval()
         pgpo = self.cfg.algorithm.pgpo
         loss_func = partial(score_loss_func, vocab_size=self.vocab_size, estimator=pgpo.estimator,
                             chunk_tokens=pgpo.kl_chunk_tokens, text_only=text_only,
                             temperature=self.cfg.rollout.temperature)
         out = self._run(micro_batches, [{}] * len(micro_batches), "score" if text_only else "score_image", loss_func,
-                        True)
+                        True, model=self.reference if reference else None)
         return [o["score"] for o in out] if self.is_last_stage else []
 
     def update(self, micro_batches: List[ModelBatch], extras: List[dict], global_num_tokens: float,
@@ -270,7 +286,8 @@ class MegatronPolicy:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss_kwargs = dict(clip_low=algo.clip_low, clip_high=algo.clip_high, aggregation=algo.aggregation,
-                           global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs)
+                           global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
+                           kl_coef=algo.kl.coef, kl_estimator=algo.kl.estimator, entropy_coef=algo.entropy_coef)
         scale = float(len(micro_batches) * self.dp_size)
         loss_func = partial(update_loss_func, vocab_size=self.vocab_size, loss_name=algo.loss,
                             loss_kwargs=loss_kwargs, scale=scale, temperature=self.cfg.rollout.temperature)
@@ -288,7 +305,9 @@ class MegatronPolicy:
         stats = {"actor/grad_norm": grad_norm, "actor/skipped_updates": 0.0 if update_ok else 1.0}
         if reported:
             tokens = sum(float(r["tokens"]) for r in reported)
-            for key in ("loss", "clip_fraction", "approx_kl"):
+            for key in ("loss", "clip_fraction", "approx_kl", "kl_ref"):
+                if key not in reported[0]:
+                    continue
                 weighted = sum(float(r[key]) * float(r["tokens"]) for r in reported) / max(tokens, 1.0)
                 stats[f"actor/{key}"] = float(sum(float(r["loss"]) for r in reported)) if key == "loss" else weighted
         return stats

@@ -42,7 +42,20 @@ def shifted_logprobs(logits, input_ids, vocab_size):
     return torch.nn.functional.pad(lp, (1, 0))
 
 
-def _update_grads_vs_reference(hf_path, tp, aggregation, sp=False, share_prompts=True):
+def shifted_entropy(logits, vocab_size):
+    """Reference: ``[B, S]`` entropy of the distribution predicting each token (0 at position 0)."""
+    import torch
+
+    from megatron_pgpo.parallel.vocab_parallel import vocab_parallel_entropy
+
+    return torch.nn.functional.pad(vocab_parallel_entropy(logits[:, :-1], vocab_size=vocab_size), (1, 0))
+
+
+#: The KL-to-reference and entropy terms of the penalised case (``penalties=True``).
+PENALTIES = dict(kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01)
+
+
+def _update_grads_vs_reference(hf_path, tp, aggregation, sp=False, share_prompts=True, penalties=False):
     import torch
     from megatron.core import parallel_state as ps
 
@@ -72,7 +85,12 @@ def _update_grads_vs_reference(hf_path, tp, aggregation, sp=False, share_prompts
     logp = shifted_logprobs(logits, full.input_ids, ref.vocab_size)
     old_logp = (logp.detach() + noise) * full.response_mask
     token_adv = advantages[:, None] * full.response_mask
-    ref_loss, _ = clipped_policy_loss(logp, old_logp, token_adv, full.response_mask, aggregation=aggregation)
+    terms = {}
+    if penalties:  # a fixed stand-in for the frozen reference's log-probs, and the entropy with its gradient
+        ref_logp = (logp.detach() - 0.3 * torch.rand(full.input_ids.shape, generator=gen)) * full.response_mask
+        terms = dict(PENALTIES, ref_logp=ref_logp, entropy=shifted_entropy(logits, ref.vocab_size))
+    ref_loss, _ = clipped_policy_loss(logp, old_logp, token_adv, full.response_mask, aggregation=aggregation,
+                                      **terms)
     ref_params = dict(ref.named_parameters())
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     ref_grads = torch.autograd.grad(ref_loss, [ref_params[n] for n, _ in params], allow_unused=True)
@@ -99,14 +117,16 @@ def _update_grads_vs_reference(hf_path, tp, aggregation, sp=False, share_prompts
             mask = full.response_mask[i][: out.logp.shape[1]]
             logp_err = max(logp_err, float((out.logp[row][mask] - logp[i][: out.logp.shape[1]][mask]).abs().max()))
     extras = [{"old_logp": old_logp[mb.indices][:, : mb.input_ids.shape[1]],
-               "advantages": token_adv[mb.indices][:, : mb.input_ids.shape[1]]} for mb in micro]
+               "advantages": token_adv[mb.indices][:, : mb.input_ids.shape[1]],
+               **({"ref_logp": terms["ref_logp"][mb.indices][:, : mb.input_ids.shape[1]]} if penalties else {})}
+              for mb in micro]
     policy.model.zero_grad_buffer()
     policy.model.train()
     from functools import partial
 
     loss_func = partial(update_loss_func, vocab_size=model.vocab_size, loss_name="clipped",
                         loss_kwargs=dict(aggregation=aggregation, global_num_tokens=float(full.response_mask.sum()),
-                                         global_num_seqs=float(N_SAMPLES)),
+                                         global_num_seqs=float(N_SAMPLES), **(PENALTIES if penalties else {})),
                         scale=float(len(micro) * dp))
     reported = policy._run(micro, extras, "update", loss_func, False)
     diffs = {n: float((p.main_grad - g).abs().max()) for (n, p), g in zip(params, ref_grads) if g is not None}
@@ -116,15 +136,18 @@ def _update_grads_vs_reference(hf_path, tp, aggregation, sp=False, share_prompts
             "grad_scale": scale, "logp_err": logp_err}
 
 
-@pytest.mark.parametrize("tp, aggregation, sp, share_prompts", [
-    (1, "token-mean", False, True), (1, "seq-mean-token-mean", False, True), (1, "token-mean", False, False),
-    (2, "token-mean", False, True), (2, "token-mean", True, True), (2, "token-mean", True, False)])
+@pytest.mark.parametrize("tp, aggregation, sp, share_prompts, penalties", [
+    (1, "token-mean", False, True, False), (1, "seq-mean-token-mean", False, True, False),
+    (1, "token-mean", False, False, False), (2, "token-mean", False, True, False), (2, "token-mean", True, True, False),
+    (2, "token-mean", True, False, False), (2, "token-mean", True, True, True), (1, "seq-mean-token-mean", False, True,
+                                                                                 True)])
 def test_megatron_update_gradients_equal_whole_batch_reference(workers, tiny_hf_checkpoint, tp, aggregation, sp,
-                                                               share_prompts):
+                                                               share_prompts, penalties):
     """DP=2 (tp=1) and TP=2 with sequence parallelism off and on, with and without shared-prompt packing, against
-    one process's whole-batch autograd (every sequence in its own row)."""
+    one process's whole-batch autograd (every sequence in its own row); ``penalties``: with the KL-to-reference
+    and entropy terms (the entropy's gradient through the vocab-parallel entropy)."""
     results = workers.run(_update_grads_vs_reference, str(tiny_hf_checkpoint), tp, aggregation, sp, share_prompts,
-                          tp=tp)
+                          penalties, tp=tp)
     for r in results:
         assert r["n"] > 40  # language and vision parameters all received gradients
         assert r["grad_scale"] > 1e-3
@@ -318,7 +341,9 @@ def _pipeline_case(hf_path):
         image_only_err = max(image_only_err, float((full_out.logp - img_out.logp).abs().max()),
                              float(img_out.scores.abs().max()))
     extras = [{"old_logp": old_logp[mb.indices][:, : mb.input_ids.shape[1]],
-               "advantages": token_adv[mb.indices][:, : mb.input_ids.shape[1]]} for mb in micro]
+               "advantages": token_adv[mb.indices][:, : mb.input_ids.shape[1]],
+               **({"ref_logp": terms["ref_logp"][mb.indices][:, : mb.input_ids.shape[1]]} if penalties else {})}
+              for mb in micro]
     from functools import partial
 
     from megatron_pgpo.trainer.policy import update_loss_func

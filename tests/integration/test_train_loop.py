@@ -141,12 +141,14 @@ def _assert_plumbing(record):
 
 
 @pytest.mark.parametrize("layout, nproc, overrides", [
-    ("PP=2", None, ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2"]),
+    ("PP=2", None, ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2",
+                    "algorithm.kl.coef=0.05", "algorithm.entropy_coef=0.001"]),
     ("DP=2", 2, ["parallel.tensor_model_parallel_size=1", "rollout.temperature=0.7"]),
 ], ids=["pp2", "dp2"])
 def test_real_loop_plumbing_at_pp2_and_dp2(tmp_path, demo_checkpoint, layout, nproc, overrides):
     """Two steps of the real loop with pipeline stages / two data-parallel replicas (each with its own engine):
-    the plumbing numbers hold, and a sample file with per-token S and PGPO weights is written. The DP=2 run samples
+    the plumbing numbers hold, and a sample file with per-token S and PGPO weights is written. The PP=2 run adds
+    the KL penalty to a frozen reference (a pipelined reference pass) and the entropy bonus. The DP=2 run samples
     at temperature 0.7: the scoring pass's log-probs (of logits / 0.7) must match what vLLM reports at 0.7 within
     the same bounds as at 1.0 (measured: max 1e-6 nats; without the temperature in the trainer, max 0.29, mean
     0.085)."""
@@ -161,6 +163,10 @@ def test_real_loop_plumbing_at_pp2_and_dp2(tmp_path, demo_checkpoint, layout, np
     for r in records:
         assert r["actor/skipped_updates"] == 0.0
         _assert_plumbing(r)
+    if layout == "PP=2":  # the frozen reference (both stages) against the policy: 0 before the first update
+        assert all(r["actor/kl_ref"] >= 0.0 for r in records) and records[-1]["actor/kl_ref"] > 0.0, records
+    else:
+        assert "actor/kl_ref" not in records[-1]
     from megatron_pgpo.trainer.samples_log import read_sample_records
 
     rows = read_sample_records(str(run_dir), step=2)

@@ -91,3 +91,25 @@ def test_reference_kl_estimators():
     torch.testing.assert_close(reference_kl(logp, ref, "k3"), torch.tensor([l2 - 0.5, 1 - l2]))
     with pytest.raises(KeyError, match="k1, k2, k3"):
         reference_kl(logp, ref, "k4")
+
+
+def test_kl_and_entropy_terms_hand_computed_with_gradient():
+    """``+ kl_coef * agg k(logp, ref)`` and ``- entropy_coef * agg H`` on top of the clipped loss (verl's actor)."""
+    logp, old = _inputs()
+    base, _ = clipped_policy_loss(logp.detach(), old, ADV, MASK)
+    ref = logp.detach() - torch.tensor([[0.5, 0.0, -0.2], [0.1, 0.3, 7.0]])  # log pi - log pi_ref = these
+    entropy = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 100.0]], requires_grad=True)
+    loss, metrics = clipped_policy_loss(logp, old, ADV, MASK, ref_logp=ref, kl_coef=0.1, kl_estimator="k1",
+                                        entropy=entropy, entropy_coef=0.01)
+    k1 = (0.5 + 0.0 - 0.2 + 0.1 + 0.3) / 5  # the padded token's 7.0 and 100.0 never count
+    assert loss.item() == pytest.approx(base.item() + 0.1 * k1 - 0.01 * 15 / 5, abs=1e-6)
+    assert metrics["kl_ref"].item() == pytest.approx(k1) and metrics["entropy"].item() == pytest.approx(3.0)
+    loss.backward()
+    torch.testing.assert_close(entropy.grad, -0.01 / 5 * MASK.float())
+    k3, _ = clipped_policy_loss(logp.detach(), old, ADV, MASK, ref_logp=ref, kl_coef=1.0, kl_estimator="k3")
+    x = torch.tensor([0.5, 0.0, -0.2, 0.1, 0.3])
+    assert k3.item() == pytest.approx(base.item() + float((torch.exp(-x) - 1 + x).mean()), abs=1e-6)
+    with pytest.raises(ValueError, match="kl_coef > 0 needs ref_logp"):
+        clipped_policy_loss(logp, old, ADV, MASK, kl_coef=0.1)
+    with pytest.raises(ValueError, match="entropy_coef > 0 needs entropy"):
+        clipped_policy_loss(logp, old, ADV, MASK, entropy_coef=0.1)

@@ -229,6 +229,12 @@ def test_memory_plan_by_hand(shapes):
     small = estimate(shapes["3b"], replace(layout, tp=1, pp=1, dp=2, rollout_tp=1, sequence_parallel=False,
                                            weight_sync_bucket_mb=4096), work, gpu_memory_gib=80)
     assert small.rollout.sync_buffers == 2 * 4096 * 2**20
+    # the KL penalty's frozen reference: one more copy of each stage's weights, kept even when offloading
+    with_ref = estimate(shapes["72b"], replace(layout, reference_model=True, offload_during_rollout=True), work,
+                        gpu_memory_gib=80)
+    assert [s.reference for s in with_ref.stages] == [s.weights for s in plan.stages]
+    assert with_ref.stages[3].state == mid.state + mid.weights
+    assert with_ref.rollout_headroom == 38 * GIB - max(s.weights for s in plan.stages)
     huge = estimate(shapes["3b"], replace(small.layout, weight_sync_bucket_mb=60000, offload_during_rollout=True), work,
                     gpu_memory_gib=80)
     assert huge.sync_headroom < 0 and not huge.fits and huge.limit == "during the weight sync, on stage 0"
