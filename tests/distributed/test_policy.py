@@ -341,9 +341,7 @@ def _pipeline_case(hf_path):
         image_only_err = max(image_only_err, float((full_out.logp - img_out.logp).abs().max()),
                              float(img_out.scores.abs().max()))
     extras = [{"old_logp": old_logp[mb.indices][:, : mb.input_ids.shape[1]],
-               "advantages": token_adv[mb.indices][:, : mb.input_ids.shape[1]],
-               **({"ref_logp": terms["ref_logp"][mb.indices][:, : mb.input_ids.shape[1]]} if penalties else {})}
-              for mb in micro]
+               "advantages": token_adv[mb.indices][:, : mb.input_ids.shape[1]]} for mb in micro]
     from functools import partial
 
     from megatron_pgpo.trainer.policy import update_loss_func
