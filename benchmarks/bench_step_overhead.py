@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
 
-    from megatron_pgpo.demo_model import build_demo_checkpoint, warm_up
+    from megatron_pgpo.demo.tiny_model import build_demo_checkpoint, warm_up
 
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
         out = args.out or Path(tmp)

@@ -57,7 +57,7 @@ DEMO_OVERRIDES = ["parallel.tensor_model_parallel_size=2", "trainer.global_batch
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo_run import run_training_demo
+    from .demo.training import run_training_demo
 
     items = list(args.config)
     if not items or "=" in items[0]:
@@ -88,7 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_walkthrough(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo.walkthrough import run_demo
 
     run_demo(_load(args.config))
     return 0

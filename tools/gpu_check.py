@@ -63,7 +63,7 @@ def _tiny_checkpoint(workdir: Path, warm_up_steps: int = 80) -> Path:
     path = workdir / "tiny_ckpt"
     if not (path / "config.json").exists():
         import megatron_pgpo.models.qwen2_5_vl  # noqa: F401  (torchvision shim before transformers)
-        from megatron_pgpo.demo_model import build_demo_checkpoint, warm_up
+        from megatron_pgpo.demo.tiny_model import build_demo_checkpoint, warm_up
 
         build_demo_checkpoint(path, task="colour")
         warm_up(path, task="colour", steps=warm_up_steps, progress=False)

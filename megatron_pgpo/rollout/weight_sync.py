@@ -24,8 +24,6 @@ re-sends the full model -- the trainer's weights are the last good full state.
 """
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any, Iterable, Iterator, List, Optional, Tuple, Union
 
@@ -272,32 +270,27 @@ def sync_weights(model, engine=None, bucket_bytes: Optional[int] = None, transfo
 
 
 def save_hf_checkpoint(model, out_dir: Union[str, Path], source_dir: Optional[Union[str, Path]] = None,
-                       bucket_bytes: int = DEFAULT_BUCKET_BYTES, transformer_impl: str = "local") -> Optional[Path]:
-    """Export the model as an HF safetensors checkpoint (one shard per bucket + index) on the engine owner.
+                       bucket_bytes: int = DEFAULT_BUCKET_BYTES, transformer_impl: str = "local",
+                       max_shard_bytes: Optional[int] = None) -> Optional[Path]:
+    """Export the model as an HF safetensors checkpoint on the engine owner, through the converter's streaming
+    writer (``hf_io.HFCheckpointWriter``: one tensor in memory at a time, shards of ``max_shard_bytes``, written as
+    ``out_dir.tmp`` and renamed when complete; an existing ``out_dir`` is replaced).
 
     Call on every model-parallel rank. ``source_dir``: copy config, tokenizer and processor files from there.
-    Returns ``out_dir`` on the owner, None elsewhere.
+    ``bucket_bytes``: transport bucket between pipeline stages. Returns ``out_dir`` on the owner, None elsewhere.
     """
-    from safetensors.torch import save_file
+    from ..models.qwen2_5_vl.hf_io import DEFAULT_MAX_SHARD_BYTES, HFCheckpointWriter
 
     stream = iter_full_model_hf_tensors(model, bucket_bytes, transformer_impl)
     if not is_engine_owner():
         for _ in stream:
             pass
         return None
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    weight_map, total = {}, 0
-    for i, bucket in enumerate(iter_buckets(stream, bucket_bytes)):
-        fname = f"model-{i + 1:05d}.safetensors"
-        save_file({n: t.contiguous() for n, t in bucket}, str(out / fname), metadata={"format": "pt"})
-        for name, tensor in bucket:
-            weight_map[name] = fname
-            total += tensor_bytes(tensor)
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    if source_dir is not None:
-        for f in Path(source_dir).iterdir():
-            if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
-                shutil.copy2(f, out / f.name)
-    return out
+    with HFCheckpointWriter(out_dir, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, overwrite=True) as writer:
+        for name, tensor in stream:
+            writer.add(name, tensor)
+        if source_dir is not None:
+            for f in Path(source_dir).iterdir():
+                if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+                    writer.copy_file(f)
+    return Path(out_dir)

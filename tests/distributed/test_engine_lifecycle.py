@@ -65,7 +65,7 @@ def _lifecycle_case(ckpt, run_dir):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from megatron_pgpo.demo_model import build_demo_checkpoint
+    from megatron_pgpo.demo.tiny_model import build_demo_checkpoint
 
     return str(build_demo_checkpoint(tmp_path_factory.mktemp("lifecycle") / "hf", task="colour"))
 

@@ -16,7 +16,7 @@ K, PROBLEMS = 4, 6
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from megatron_pgpo.data.synthetic import make_example
-    from megatron_pgpo.demo_model import build_demo_checkpoint
+    from megatron_pgpo.demo.tiny_model import build_demo_checkpoint
 
     root = tmp_path_factory.mktemp("eval")
     ckpt = build_demo_checkpoint(root / "hf", task="colour")

@@ -78,7 +78,7 @@ def slurm():
 
 @pytest.fixture(scope="module")
 def demo_checkpoint(tmp_path_factory):
-    from megatron_pgpo.demo_model import build_demo_checkpoint
+    from megatron_pgpo.demo.tiny_model import build_demo_checkpoint
 
     return build_demo_checkpoint(tmp_path_factory.mktemp("slurm_demo_ckpt") / "hf", task="colour")
 

@@ -16,7 +16,7 @@ import megatron_pgpo.models.qwen2_5_vl  # noqa: F401  (torchvision shim)
 
 @pytest.fixture(scope="module")
 def demo_checkpoint(tmp_path_factory):
-    from megatron_pgpo.demo_model import build_demo_checkpoint
+    from megatron_pgpo.demo.tiny_model import build_demo_checkpoint
 
     return build_demo_checkpoint(tmp_path_factory.mktemp("demo_ckpt") / "hf", task="colour")
 

@@ -81,7 +81,7 @@ def test_large_images_are_downscaled_to_max_pixels(tmp_path):
 def test_prompt_length_counts_what_the_processor_and_chat_template_give(tmp_path):
     """``PromptLength`` (from the image size alone) equals the tokens of the real processed prompt."""
     from megatron_pgpo.data.files import Example
-    from megatron_pgpo.demo_model import build_demo_checkpoint
+    from megatron_pgpo.demo.tiny_model import build_demo_checkpoint
     from megatron_pgpo.trainer.prompts import PromptLength, messages_for
     from transformers import AutoImageProcessor, AutoTokenizer
 

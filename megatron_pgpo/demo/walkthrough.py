@@ -14,8 +14,8 @@ from typing import List, Sequence
 
 import torch
 
-from .algorithms import ADVANTAGE_SHAPERS, POLICY_LOSSES, group_normalized_advantages, k3_divergence
-from .config import Config
+from ..algorithms import ADVANTAGE_SHAPERS, POLICY_LOSSES, group_normalized_advantages, k3_divergence
+from ..config import Config
 
 # (question, ground truth, responses): a prompt per group; the image is "a red square" / "three circles".
 DEMO_GROUPS = [
@@ -81,7 +81,7 @@ def run_demo(cfg: Config, console=None) -> dict:
     from rich.table import Table
     from rich.text import Text
 
-    from .rewards import RewardScorer
+    from ..rewards import RewardScorer
 
     console = console or Console()
     algo = cfg.algorithm

@@ -10,7 +10,7 @@ import megatron_pgpo.models.qwen2_5_vl  # noqa: F401  (torchvision shim)
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from megatron_pgpo.demo_model import build_demo_checkpoint
+    from megatron_pgpo.demo.tiny_model import build_demo_checkpoint
 
     return build_demo_checkpoint(tmp_path_factory.mktemp("demo") / "hf", task="colour", seed=3)
 
@@ -20,7 +20,7 @@ def _batch(path, n=3):
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from megatron_pgpo.data.synthetic import SyntheticTask
-    from megatron_pgpo.demo_model import _encode
+    from megatron_pgpo.demo.tiny_model import _encode
 
     tokenizer, processor = AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
     data, rng = SyntheticTask("colour", 8, seed=4, split="train"), random.Random(0)
@@ -44,7 +44,7 @@ def test_visual_blind_forward_equals_the_sequence_without_its_image_tokens(demo)
     padding) removed, at the original 3-D positions and without pixels (docs/pgpo_spec.md section 1's two forms)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from megatron_pgpo.demo_model import _visual_blind_inputs
+    from megatron_pgpo.demo.tiny_model import _visual_blind_inputs
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(demo, attn_implementation="eager").eval()
     images, attention = _batch(demo)
@@ -74,7 +74,7 @@ def test_a_short_warm_up_lowers_both_losses(demo, tmp_path):
 
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from megatron_pgpo.demo_model import _visual_blind_inputs, warm_up
+    from megatron_pgpo.demo.tiny_model import _visual_blind_inputs, warm_up
 
     path = tmp_path / "hf"
     shutil.copytree(demo, path)

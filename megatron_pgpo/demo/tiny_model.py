@@ -26,9 +26,9 @@ FORMAT_TOKENS = ("<think>", "</think>", "\\boxed{")
 
 def demo_words(task: str) -> List[str]:
     """Vocabulary of the demo tokenizer: chat-template words, the task's questions and answers, the format."""
-    from .data.synthetic import answer_vocabulary, question_vocabulary
-    from .models.qwen2_5_vl.tiny_tokenizer import DEFAULT_WORDS
-    from .trainer.prompts import INSTRUCTION
+    from ..data.synthetic import answer_vocabulary, question_vocabulary
+    from ..models.qwen2_5_vl.tiny_tokenizer import DEFAULT_WORDS
+    from ..trainer.prompts import INSTRUCTION
 
     words = list(DEFAULT_WORDS) + list(FORMAT_TOKENS) + ["the", "answer", "is", "i", "see"]
     words += question_vocabulary(task) + answer_vocabulary(task) + INSTRUCTION.replace("\\boxed{}", "").split()
@@ -44,8 +44,8 @@ def build_demo_checkpoint(path: Path, task: str = "colour", preset: str = "tiny"
     """Tiny random weights + word-level tokenizer (format markers as whole tokens) + image processor config."""
     from tokenizers import AddedToken
 
-    from .models.qwen2_5_vl.tiny import save_tiny_checkpoint
-    from .models.qwen2_5_vl.tiny_tokenizer import build_tiny_tokenizer, save_tiny_processor
+    from ..models.qwen2_5_vl.tiny import save_tiny_checkpoint
+    from ..models.qwen2_5_vl.tiny_tokenizer import build_tiny_tokenizer, save_tiny_processor
 
     path = Path(path)
     save_tiny_checkpoint(path, preset, seed)
@@ -59,7 +59,7 @@ def build_demo_checkpoint(path: Path, task: str = "colour", preset: str = "tiny"
 
 def _encode(tokenizer, processor, example, response: str, image_token_id: int):
     """(input_ids [L], labels [L], pixel_values, grid) for one prompt + target response."""
-    from .trainer.prompts import messages_for
+    from ..trainer.prompts import messages_for
 
     image = processor(images=[example.image], return_tensors="pt")
     n_image = int(image["image_grid_thw"].prod()) // 4
@@ -84,7 +84,7 @@ def warm_up(path: Path, task: str = "colour", steps: int = 250, batch_size: int 
 
     from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    from .data.synthetic import SyntheticTask, answer_vocabulary
+    from ..data.synthetic import SyntheticTask, answer_vocabulary
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -137,8 +137,8 @@ def warm_up(path: Path, task: str = "colour", steps: int = 250, batch_size: int 
 def _visual_blind_inputs(images: dict, attention: torch.Tensor, config) -> dict:
     """The same batch for a forward in which no token attends to an image token, at the original (3-D) positions:
     a 4-D additive mask ``[B, 1, L, L]`` (causal, padding and image keys blocked) and ``position_ids [3, B, L]``."""
-    from .models.qwen2_5_vl.rope_index import get_rope_index
-    from .models.qwen2_5_vl.text_only import visual_blind_attention_mask
+    from ..models.qwen2_5_vl.rope_index import get_rope_index
+    from ..models.qwen2_5_vl.text_only import visual_blind_attention_mask
 
     image_mask = images["mm_token_type_ids"].bool()
     positions = get_rope_index(images["input_ids"], image_mask, images["image_grid_thw"],

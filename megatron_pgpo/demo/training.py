@@ -11,14 +11,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .config import Config
+from ..config import Config
 
 
 def run_training_demo(cfg: Config) -> dict:
     from rich.console import Console
 
-    from .demo_model import build_demo_checkpoint, warm_up
-    from .trainer.launch import launch
+    from .tiny_model import build_demo_checkpoint, warm_up
+    from ..trainer.launch import launch
 
     console = Console()
     run_dir = Path(cfg.trainer.run_dir)
@@ -41,7 +41,7 @@ def run_training_demo(cfg: Config) -> dict:
     before, after = summary.get("accuracy_before"), summary.get("accuracy_after")
     chance = ""
     if cfg.data.train_path is None:
-        from .data.synthetic import answer_vocabulary
+        from ..data.synthetic import answer_vocabulary
 
         chance = f"  (chance on '{cfg.data.task}': {1 / len(answer_vocabulary(cfg.data.task)):.2f})"
     if before is not None:
