@@ -74,6 +74,7 @@ def clipped_policy_loss(
     kl_estimator: str = "k3",
     entropy: Optional[torch.Tensor] = None,
     entropy_coef: float = 0.0,
+    entropy_penalty: float = 0.0,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Clipped surrogate ``L = -agg min(rho A~, clip(rho, 1 - clip_low, 1 + clip_high) A~)``, ``rho = exp(logp -
     old_logp)``. ``clip_low == clip_high`` is PPO/GRPO; DAPO's clip-higher uses ``0.2 / 0.28``.
@@ -91,6 +92,8 @@ def clipped_policy_loss(
             ``kl_loss_type``); metric ``kl_ref``.
         entropy, entropy_coef: with ``entropy_coef > 0``, ``- entropy_coef * agg entropy`` (``[B, T]`` entropy of
             the current policy, with gradient); metric ``entropy``.
+        entropy_penalty: with ``> 0``, ``+ entropy_penalty * agg(-logp)``: PAPO's and VPPO's entropy penalty (the
+            sampled-token estimate of the entropy, lowered); metric ``nll``.
 
     Returns:
         ``(loss, metrics)``; metrics are detached 0-d tensors, token means over valid tokens of this batch:
@@ -125,6 +128,9 @@ def clipped_policy_loss(
             raise ValueError("entropy_coef > 0 needs entropy [B, T] (the current policy's, with gradient)")
         loss = loss - entropy_coef * aggregate_loss(entropy, mask, aggregation, global_num_tokens, global_num_seqs)
         extra["entropy"] = masked_mean(entropy.detach(), mask)
+    if entropy_penalty > 0:
+        loss = loss + entropy_penalty * aggregate_loss(-logp, mask, aggregation, global_num_tokens, global_num_seqs)
+        extra["nll"] = masked_mean(-logp.detach(), mask)
 
     with torch.no_grad():
         used_clip = clipped > unclipped

@@ -153,7 +153,7 @@ def _register(name: str, gate: str = "both", normalize: bool = True):
 
     shaper.__name__ = shaper.__qualname__ = f"{name}_shaper"
     shaper.__doc__ = f"Registry entry {name!r}: gate {gate!r}, Eq. 7 {'on' if normalize else 'off'}."
-    shaper.uses_visual_dependency = True  # the trainer runs the text-only pass (which computes ``scores``)
+    shaper.second_view = "text_only"  # the trainer runs the text-only pass (which computes ``scores``)
     return ADVANTAGE_SHAPERS.register(name)(shaper)
 
 

@@ -67,10 +67,21 @@ class Registry:
 
 
 #: Advantage shapers: ``fn(seq_advantages[B], response_mask[B, T], *, scores=None, **params) -> [B, T]``.
-#: A shaper that reads ``scores`` (visual dependency) sets ``fn.uses_visual_dependency = True``; for the others
-#: the trainer skips the text-only pass.
+#: A shaper that reads ``scores`` names the view they compare the image with: ``fn.second_view = "text_only"``
+#: (PGPO) or ``"masked_image"`` (VPPO); without one the trainer runs no second view. ``fn.whole_batch = True``:
+#: called once on the rank's whole rollout share (padded), not per micro-batch.
 ADVANTAGE_SHAPERS = Registry("advantage shaper")
 
 #: Policy losses: ``fn(logp[B, T], old_logp[B, T], advantages[B, T], response_mask[B, T], **params)
 #: -> (loss scalar, metrics dict)``.
 POLICY_LOSSES = Registry("policy loss")
+
+
+def second_view(*fns: Callable) -> "str | None":
+    """The second view of the scoring pass that the given shaper / loss need (``fn.second_view``), or None;
+    raises ``ValueError`` when they need different ones."""
+    views = {getattr(fn, "second_view", None) for fn in fns} - {None}
+    if len(views) > 1:
+        raise ValueError(f"these algorithms need different second views of the image ({', '.join(sorted(views))}); "
+                         "the scoring pass runs one")
+    return views.pop() if views else None

@@ -74,13 +74,56 @@ class KLConfig(Section):
 
 
 @dataclass
+class PAPOConfig(Section):
+    PATH: ClassVar[str] = "algorithm.papo"
+
+    coef: float = 0.01
+    """PAPO's implicit perception loss weight gamma (algorithm.loss=papo): the clamped k3 of the policy on the
+    image vs on the masked image is maximised with it (the paper: 0.01 with DAPO, 0.02 with GRPO)."""
+    clamp: float = 10.0
+    """The per-token perception KL is clamped to [-clamp, clamp] (PAPO's code: 10)."""
+    mask_ratio: float = 0.6
+    """Probability that each 14-px image patch is blacked out in the masked view."""
+
+    def validate(self) -> None:
+        require_positive("algorithm.papo.coef", self.coef, allow_zero=True)
+        require_positive("algorithm.papo.clamp", self.clamp)
+        require(0.0 < self.mask_ratio < 1.0, f"algorithm.papo.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+
+
+@dataclass
+class VPPOConfig(Section):
+    PATH: ClassVar[str] = "algorithm.vppo"
+
+    top_fraction: float = 0.4
+    """VPPO (algorithm.advantage=vppo): the share of each response's tokens, by masked-image dependency, whose
+    gradient is kept (the others get advantage 0)."""
+    beta_min: float = 0.9
+    """Smallest trajectory scale: a response's advantage is scaled into [beta_min, beta_min + (1 - beta_min) /
+    mean] by its normalised mean dependency."""
+    score_clamp: float = 10.0
+    """Token dependency scores are clamped to [0, score_clamp] (VPPO's code: 10)."""
+    mask_ratio: float = 0.5
+    """Probability that each 14-px image patch is blacked out in the masked view."""
+
+    def validate(self) -> None:
+        require(0.0 < self.top_fraction <= 1.0, f"algorithm.vppo.top_fraction must be in (0, 1], got {self.top_fraction}")
+        require(0.0 <= self.beta_min <= 1.0, f"algorithm.vppo.beta_min must be in [0, 1], got {self.beta_min}")
+        require_positive("algorithm.vppo.score_clamp", self.score_clamp)
+        require(0.0 < self.mask_ratio < 1.0, f"algorithm.vppo.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+
+
+@dataclass
 class AlgorithmConfig(Section):
     PATH: ClassVar[str] = "algorithm"
 
     advantage: str = "pgpo"
-    """Advantage shaper from the registry: `pgpo` (per-token visual-dependency weights) or `grpo` (broadcast)."""
+    """Advantage shaper from the registry: `pgpo` (per-token visual-dependency weights), its ablations
+    `pgpo_suppression_only` / `pgpo_boosting_only` / `pgpo_no_normalization`, `vppo`, or `grpo` (broadcast; GRPO
+    and DAPO). docs/algorithms.md has each one's equations."""
     loss: str = "clipped"
-    """Policy loss from the registry (`clipped`: the PPO/DAPO clipped surrogate)."""
+    """Policy loss from the registry: `clipped` (the PPO/DAPO clipped surrogate) or `papo` (plus PAPO's implicit
+    perception loss)."""
     aggregation: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
     """Loss aggregation: token mean over the global batch (DAPO) or mean of per-response token means (GRPO)."""
     clip_low: float = 0.2
@@ -100,6 +143,13 @@ class AlgorithmConfig(Section):
     """DAPO's sampling and length handling."""
     kl: KLConfig = field(default_factory=KLConfig)
     """Optional KL penalty to a frozen reference model."""
+    papo: PAPOConfig = field(default_factory=PAPOConfig)
+    """PAPO's implicit perception loss (used when loss=papo)."""
+    vppo: VPPOConfig = field(default_factory=VPPOConfig)
+    """VPPO's token filtering and trajectory scaling (used when advantage=vppo)."""
+    entropy_penalty: float = 0.0
+    """Entropy penalty of PAPO (0.03) and VPPO (0.06): the loss adds entropy_penalty x the token mean of -log pi
+    at the sampled tokens (which lowers the entropy; 0: off)."""
     entropy_coef: float = 0.0
     """Entropy bonus: the loss subtracts entropy_coef x the aggregated per-token entropy of the current policy, as
     verl's entropy_coeff (0: off, the entropy is then not computed in the update)."""
@@ -107,7 +157,10 @@ class AlgorithmConfig(Section):
     def validate(self) -> None:
         from ..algorithms import ADVANTAGE_SHAPERS, POLICY_LOSSES  # registries are the source of valid names
 
+        from ..algorithms import second_view
+
         require_positive("algorithm.entropy_coef", self.entropy_coef, allow_zero=True)
+        require_positive("algorithm.entropy_penalty", self.entropy_penalty, allow_zero=True)
         require(
             self.advantage in ADVANTAGE_SHAPERS,
             f"algorithm.advantage={self.advantage!r} is not registered; valid: {', '.join(ADVANTAGE_SHAPERS.names())}",
@@ -116,6 +169,10 @@ class AlgorithmConfig(Section):
             self.loss in POLICY_LOSSES,
             f"algorithm.loss={self.loss!r} is not registered; valid: {', '.join(POLICY_LOSSES.names())}",
         )
+        try:
+            second_view(ADVANTAGE_SHAPERS.get(self.advantage), POLICY_LOSSES.get(self.loss))
+        except ValueError as exc:
+            require(False, f"algorithm.advantage={self.advantage} with algorithm.loss={self.loss}: {exc}")
         require(0.0 <= self.clip_low < 1.0, f"algorithm.clip_low must be in [0, 1), got {self.clip_low}")
         require_positive("algorithm.clip_high", self.clip_high, allow_zero=True)
         require_positive("algorithm.adv_eps", self.adv_eps)

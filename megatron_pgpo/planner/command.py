@@ -91,11 +91,13 @@ def _from_run_config(path: str) -> Dict[str, Any]:
         cfg = load_config(path, [])
     except ConfigError as exc:
         raise SystemExit(f"config error: {exc}") from None
-    from ..algorithms import ADVANTAGE_SHAPERS
+    from ..algorithms import ADVANTAGE_SHAPERS, POLICY_LOSSES, second_view
 
     par, model, r, d, t = cfg.parallel, cfg.model, cfg.rollout, cfg.data, cfg.trainer
-    shaper = ADVANTAGE_SHAPERS.get(cfg.algorithm.advantage)  # as the loop decides whether to run the text-only pass
-    text_only = bool(getattr(shaper, "uses_visual_dependency", False) or cfg.algorithm.monitor_visual_dependency)
+    shaper = ADVANTAGE_SHAPERS.get(cfg.algorithm.advantage)  # as the loop decides whether to run a second view
+    # a second view of the image (text-only or masked) doubles the scoring pass's rows
+    text_only = bool(second_view(shaper, POLICY_LOSSES.get(cfg.algorithm.loss))
+                     or cfg.algorithm.monitor_visual_dependency)
     return dict(tp=par.tensor_model_parallel_size, pp=par.pipeline_model_parallel_size,
                 first_stage_layers=par.first_stage_layers, last_stage_layers=par.last_stage_layers,
                 rollout_tp=par.rollout_tensor_parallel_size, sequence_parallel=par.sequence_parallel,

@@ -34,6 +34,7 @@ class Sample:
     image_grid_thw: Optional[torch.Tensor] = None
     answer: str = ""
     extra: dict = field(default_factory=dict)
+    masked_pixel_values: Optional[torch.Tensor] = None  # ``pixel_values`` with patches masked (PAPO / VPPO view)
 
     @property
     def length(self) -> int:
@@ -64,6 +65,7 @@ class ModelBatch:
     prompt_lengths: List[int] = field(default_factory=list)
     image_counts: List[int] = field(default_factory=list)
     prompt_keys: List[tuple] = field(default_factory=list)
+    masked_pixel_values: Optional[torch.Tensor] = None  # the same images with patches masked (PAPO / VPPO)
 
     @property
     def num_response_tokens(self) -> int:
@@ -93,6 +95,8 @@ def collate(samples: Sequence[Sample], indices: Sequence[int], image_token_id: i
     image_mask = image_token_mask(input_ids, image_token_id, prompt_lengths)
     with_images = [s for s in chosen if s.pixel_values is not None]
     pixel_values = torch.cat([s.pixel_values for s in with_images]) if with_images else None
+    masked = [s.masked_pixel_values for s in with_images]
+    masked_pixel_values = torch.cat(masked) if with_images and all(m is not None for m in masked) else None
     grid = torch.cat([s.image_grid_thw for s in with_images]) if with_images else None
     position_ids = get_rope_index(input_ids, image_mask, grid, spatial_merge_size, attention_mask=attention)
     text_only = drop_visual_tokens(input_ids, position_ids, image_mask, pad_token_id, attention_mask=attention)
@@ -100,7 +104,8 @@ def collate(samples: Sequence[Sample], indices: Sequence[int], image_token_id: i
                       list(indices), lengths=[s.length for s in chosen],
                       prompt_lengths=[len(s.prompt_ids) for s in chosen],
                       image_counts=[0 if s.image_grid_thw is None else int(s.image_grid_thw.shape[0]) for s in chosen],
-                      prompt_keys=[(s.group, tuple(s.prompt_ids)) for s in chosen])
+                      prompt_keys=[(s.group, tuple(s.prompt_ids)) for s in chosen],
+                      masked_pixel_values=masked_pixel_values)
 
 
 def sequence_multiple(tp: int, sequence_parallel: bool, fp8: bool) -> int:

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ..algorithms import ADVANTAGE_SHAPERS, group_normalized_advantages
+from ..algorithms import ADVANTAGE_SHAPERS, POLICY_LOSSES, group_normalized_advantages, second_view
 from ..algorithms.dapo import overlong_soft_penalty
 from ..config import Config, to_dict
 from ..parallel import collectives
@@ -159,10 +159,21 @@ class Trainer:
         from ..algorithms.pgpo import normalized_importance
         from ..algorithms.visual_dependency import sanitize_scores
 
-        for so in scored:
-            mask = torch.stack([response_mask(samples[i], so.logp.shape[1]) for i in so.indices])
-            adv = shaper(seq_adv[so.indices], mask, scores=so.scores, tau=algo.pgpo.tau, beta=algo.pgpo.beta,
-                         eps=algo.pgpo.eps, s_max=algo.pgpo.s_max)
+        params = dict(tau=algo.pgpo.tau, beta=algo.pgpo.beta, eps=algo.pgpo.eps, s_max=algo.pgpo.s_max,
+                      vppo_top_fraction=algo.vppo.top_fraction, vppo_beta_min=algo.vppo.beta_min,
+                      vppo_score_clamp=algo.vppo.score_clamp)
+        masks = [torch.stack([response_mask(samples[i], so.logp.shape[1]) for i in so.indices]) for so in scored]
+        if getattr(shaper, "whole_batch", False) and scored:  # once over the rank's share, padded to one width
+            width = max(so.logp.shape[1] for so in scored)
+            pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+            indices = [i for so in scored for i in so.indices]
+            whole = shaper(seq_adv[indices], torch.cat([pad(m) for m in masks]),
+                           scores=torch.cat([pad(so.scores) for so in scored]), **params)
+            parts = iter(whole.split([len(so.indices) for so in scored]))
+            shaped = [next(parts)[:, :so.logp.shape[1]] for so in scored]
+        else:
+            shaped = [shaper(seq_adv[so.indices], mask, scores=so.scores, **params) for so, mask in zip(scored, masks)]
+        for so, mask, adv in zip(scored, masks, shaped):
             clean, n_bad = sanitize_scores(so.scores, mask, algo.pgpo.s_max)
             importance = normalized_importance(so.scores, mask, algo.pgpo.eps, algo.pgpo.s_max)
             sums += torch.tensor([float(mask.sum()), float(clean[mask].sum()), float(torch.log1p(clean[mask]).sum()),
@@ -191,16 +202,20 @@ class Trainer:
         micro = [self._micro_batches(samples, m) for m in minis]
         t0 = time.perf_counter()
         shaper = ADVANTAGE_SHAPERS.get(cfg.algorithm.advantage)
-        text_only = getattr(shaper, "uses_visual_dependency", False) or cfg.algorithm.monitor_visual_dependency
-        scored = [self.policy.score(mbs, text_only=text_only) for mbs in micro]
+        view = second_view(shaper, POLICY_LOSSES.get(cfg.algorithm.loss))
+        if view is None and cfg.algorithm.monitor_visual_dependency:
+            view = "text_only"
+        scored = [self.policy.score(mbs, view=view) for mbs in micro]
         t_score = time.perf_counter() - t0
         flat = [so for part in scored for so in part]
         token_adv, stats, seq_adv = self._advantages(samples, flat)
         every = cfg.logging.samples_every
         if every and (self.step + 1) % every == 0:
             log_samples(self, samples, flat, seq_adv.tolist(), step=self.step + 1,
-                        uses_scores=getattr(shaper, "uses_visual_dependency", False))
+                        uses_scores=getattr(shaper, "second_view", None) is not None)
         old_logp = {i: so.logp[row] for so in flat for row, i in enumerate(so.indices)}
+        view_logp = ({i: so.logp_text[row] for so in flat for row, i in enumerate(so.indices)}
+                     if getattr(POLICY_LOSSES.get(cfg.algorithm.loss), "second_view", None) else {})
         ref_logp = {}
         if cfg.algorithm.kl.coef > 0:  # the frozen reference's log-probs of the same tokens (image rows)
             ref_logp = {i: so.logp[row] for mbs in micro for so in self.policy.score(mbs, reference=True)
@@ -223,17 +238,19 @@ class Trainer:
                                        "advantages": torch.stack([token_adv[i][:width] for i in mb.indices])})
                         if ref_logp:
                             extras[-1]["ref_logp"] = torch.stack([ref_logp[i][:width] for i in mb.indices])
+                        if view_logp:  # the loss's own second view (PAPO: the masked image, pre-update)
+                            extras[-1]["view_logp"] = torch.stack([view_logp[i][:width] for i in mb.indices])
                     else:
                         extras.append({})
                 n_tokens = float(sum(len(samples[i].response_ids) for i in usable))
                 updates.append(self.policy.update(mbs, extras, max(n_tokens, 1.0), float(max(len(usable), 1))))
         t_update = time.perf_counter() - t1
-        if not text_only:  # no text-only pass ran: there is no visual dependency to report
+        if view is None:  # no second view ran: there is no visual dependency to report
             stats = {k: v for k, v in stats.items() if not k.startswith("vd/")}
         n_tok = max(sum(len(s.response_ids) for s in samples), 1)
         summary = torch.tensor([entropy_sum] + [sum(u.get(k, 0.0) for u in updates) for k in
                                                 ("actor/loss", "actor/clip_fraction", "actor/approx_kl",
-                                                 "actor/kl_ref")],
+                                                 "actor/kl_ref", "actor/perception_kl")],
                                dtype=torch.float64)
         collectives.all_reduce(summary)  # last-stage ranks hold these; DP ranks each hold their share
         n_up = max(len(updates), 1)
@@ -244,6 +261,7 @@ class Trainer:
             "actor/clip_fraction": float(summary[2]) / n_up / last_ranks,
             "actor/approx_kl": float(summary[3]) / n_up / last_ranks,
             **({"actor/kl_ref": float(summary[4]) / n_up / last_ranks} if cfg.algorithm.kl.coef > 0 else {}),
+            **({"actor/perception_kl": float(summary[5]) / n_up / last_ranks} if view_logp else {}),
             "actor/grad_norm": max(u["actor/grad_norm"] for u in updates) if updates else 0.0,
             "actor/skipped_updates": sum(u["actor/skipped_updates"] for u in updates),
             "actor/lr": current_lr(self.policy.optimizer),

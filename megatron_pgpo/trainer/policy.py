@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -82,14 +82,16 @@ def scaled_logits(output: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def score_loss_func(mb: ModelBatch, extras: dict, output: torch.Tensor, *, vocab_size: int, estimator: str,
-                    chunk_tokens: int, text_only: bool = True, temperature: float = 1.0):
+                    chunk_tokens: int, second_view: bool = True, temperature: float = 1.0):
     """Last-stage reduction of the response-token logits to per-token scalars.
 
-    ``output``: vocab-parallel logits ``[2N, V/TP]`` at ``logit_positions(mb, True)`` (image rows' ``N`` response
-    tokens, then the same tokens in the text-only rows); ``text_only=False``: ``[N, V/TP]``, the image rows only
-    (no text-only pass: GRPO/DAPO), and ``logp_text`` and ``scores`` are then zeros. Divided by ``temperature``
-    first (``scaled_logits``).
+    ``output``: vocab-parallel logits ``[2N, V/TP]`` (image rows' ``N`` response tokens, then the same tokens in the
+    second view's rows: text-only for PGPO, masked image for PAPO / VPPO); ``second_view=False``: ``[N, V/TP]``,
+    the image rows only (GRPO/DAPO), and ``logp_text`` and ``scores`` are then zeros. ``scores`` is the divergence
+    of the image view from the second view (k3, or the exact KL). Divided by ``temperature`` first
+    (``scaled_logits``).
     """
+    text_only = second_view
     output = scaled_logits(output, temperature)
     mask = mb.response_mask
     labels = mb.input_ids[mask].to(output.device)
@@ -123,9 +125,7 @@ def update_loss_func(mb: ModelBatch, extras: Dict[str, torch.Tensor], output: to
     mask = mb.response_mask.to(output.device)
     logp = scatter_to_mask(vocab_parallel_logprobs(output, mb.input_ids.to(output.device)[mask],
                                                    vocab_size=vocab_size), mask)
-    penalties = {}
-    if "ref_logp" in extras:
-        penalties["ref_logp"] = extras["ref_logp"]
+    penalties = {key: extras[key] for key in ("ref_logp", "view_logp") if key in extras}
     if loss_kwargs.get("entropy_coef", 0.0) > 0:  # with gradient: the bonus pushes it up
         penalties["entropy"] = scatter_to_mask(vocab_parallel_entropy(output, vocab_size=vocab_size), mask)
     loss, metrics = POLICY_LOSSES.get(loss_name)(logp, extras["old_logp"], extras["advantages"], mask,
@@ -139,11 +139,14 @@ def update_loss_func(mb: ModelBatch, extras: Dict[str, torch.Tensor], output: to
 def model_inputs(mb: ModelBatch, variant: str, share_prompts: bool = False, width_multiple: int = 1) -> dict:
     """Keyword arguments of the model's forward for one micro-batch.
 
-    ``variant``: ``score`` (image rows and text-only rows, stacked), ``score_image`` or ``update`` (image rows).
+    ``variant``: ``score`` (image rows and text-only rows, stacked), ``score_masked`` (image rows and the same rows
+    with the masked image, ``mb.masked_pixel_values``), ``score_image`` or ``update`` (image rows).
     ``share_prompts``: each prompt once per micro-batch (``packing.py``). The logits come back in
-    ``logit_positions`` order either way: the image rows' response tokens, then (``score``) the same tokens in
-    the text-only rows.
+    ``logit_positions`` order either way: the image rows' response tokens, then (``score`` / ``score_masked``) the
+    same tokens in the second view's rows.
     """
+    if variant == "score_masked":
+        return _masked_view_inputs(mb, share_prompts, width_multiple)
     text_only = variant == "score"
     if not share_prompts:
         ids, pos, img = _stack_variants(mb) if text_only else (mb.input_ids, mb.position_ids, mb.image_mask)
@@ -166,6 +169,30 @@ def model_inputs(mb: ModelBatch, variant: str, share_prompts: bool = False, widt
     return dict(input_ids=ids, position_ids=pos, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grid,
                 image_mask=img, logit_positions=(torch.cat([rows, t_rows + image.input_ids.shape[0]]),
                                                  torch.cat([cols, t_cols])))
+
+
+def _masked_view_inputs(mb: ModelBatch, share_prompts: bool, width_multiple: int) -> dict:
+    """``model_inputs`` of ``score_masked``: the image rows twice, the second copy seeing ``masked_pixel_values``
+    (same tokens, positions and image slots; the vision tower encodes both images)."""
+    if mb.masked_pixel_values is None:
+        raise ValueError("score_masked needs masked_pixel_values (the rollouts make them for a masked-image view)")
+    rows, cols = predicting_positions(mb.response_mask)
+    if not share_prompts:
+        return dict(input_ids=torch.cat([mb.input_ids, mb.input_ids]),
+                    position_ids=torch.cat([mb.position_ids, mb.position_ids], dim=1),
+                    pixel_values=torch.cat([mb.pixel_values, mb.masked_pixel_values]),
+                    image_grid_thw=torch.cat([mb.image_grid_thw, mb.image_grid_thw]),
+                    image_mask=torch.cat([mb.image_mask, mb.image_mask]),
+                    logit_positions=(torch.cat([rows, rows + mb.input_ids.shape[0]]), torch.cat([cols, cols])))
+    image = pack_shared_prompts(mb.input_ids, mb.position_ids, mb.image_mask, mb.lengths, mb.prompt_lengths,
+                                mb.prompt_keys, width_multiple)
+    rows, cols = image.positions_of(rows, cols)
+    pixel_values, grid = images_of(image.members, mb.image_counts, mb.pixel_values, mb.image_grid_thw)
+    masked, _ = images_of(image.members, mb.image_counts, mb.masked_pixel_values, mb.image_grid_thw)
+    ids, pos, img, mask = stack_packed(image, image, width_multiple)
+    return dict(input_ids=ids, position_ids=pos, attention_mask=mask, pixel_values=torch.cat([pixel_values, masked]),
+                image_grid_thw=torch.cat([grid, grid]), image_mask=img,
+                logit_positions=(torch.cat([rows, rows + image.input_ids.shape[0]]), torch.cat([cols, cols])))
 
 
 def _forward_step(variant: str, loss_func, share_prompts: bool, width_multiple: int, device: torch.device,
@@ -242,7 +269,7 @@ class MegatronPolicy:
         # Shapes for the pipeline's first receive buffers; with PP > 1 the config's variable_seq_lengths makes the
         # stages exchange each micro-batch's actual shape (packed rows differ in width and count).
         seq = max(mb.input_ids.shape[1] for mb in micro_batches)
-        rows = max(mb.input_ids.shape[0] for mb in micro_batches) * (2 if variant == "score" else 1)
+        rows = max(mb.input_ids.shape[0] for mb in micro_batches) * (2 if variant in ("score", "score_masked") else 1)
         return get_forward_backward_func()(
             forward_step_func=partial(_forward_step, variant, loss_func, self.share_prompts, self.width_multiple,
                                       self.device),
@@ -255,22 +282,30 @@ class MegatronPolicy:
         )
 
     @torch.no_grad()
-    def score(self, micro_batches: List[ModelBatch], text_only: bool = True, reference: bool = False
-              ) -> List[ScoreOutput]:
-        """Old-policy log-probs, text-only log-probs, visual dependency and entropy (last stage; [] elsewhere).
+    def score(self, micro_batches: List[ModelBatch], text_only: bool = True, reference: bool = False,
+              view: Optional[str] = None) -> List[ScoreOutput]:
+        """Old-policy log-probs, the second view's log-probs (``logp_text``), their divergence (``scores``) and
+        entropy (last stage; [] elsewhere).
 
-        ``text_only=False`` skips the text-only pass (what GRPO/DAPO need): ``logp_text`` and ``scores`` are 0.
+        ``view``: ``text_only`` (PGPO), ``masked_image`` (PAPO / VPPO) or None (image rows only: GRPO/DAPO;
+        ``logp_text`` and ``scores`` are 0); when not given, ``text_only`` picks between the first and the last.
         ``reference``: the frozen reference model's log-probs instead (image rows only).
         """
         if reference and self.reference is None:
             raise ValueError("no reference model: build the policy with reference= (algorithm.kl.coef > 0)")
-        text_only = text_only and not reference
+        if view is None and text_only:
+            view = "text_only"
+        if reference:
+            view = None
+        variants = {None: "score_image", "text_only": "score", "masked_image": "score_masked"}
+        if view not in variants:
+            raise ValueError(f"scoring view {view!r}: valid: text_only, masked_image (or None)")
         self.model.eval()
         pgpo = self.cfg.algorithm.pgpo
         loss_func = partial(score_loss_func, vocab_size=self.vocab_size, estimator=pgpo.estimator,
-                            chunk_tokens=pgpo.kl_chunk_tokens, text_only=text_only,
+                            chunk_tokens=pgpo.kl_chunk_tokens, second_view=view is not None,
                             temperature=self.cfg.rollout.temperature)
-        out = self._run(micro_batches, [{}] * len(micro_batches), "score" if text_only else "score_image", loss_func,
+        out = self._run(micro_batches, [{}] * len(micro_batches), variants[view], loss_func,
                         True, model=self.reference if reference else None)
         return [o["score"] for o in out] if self.is_last_stage else []
 
@@ -287,7 +322,10 @@ class MegatronPolicy:
         self.optimizer.zero_grad()
         loss_kwargs = dict(clip_low=algo.clip_low, clip_high=algo.clip_high, aggregation=algo.aggregation,
                            global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
-                           kl_coef=algo.kl.coef, kl_estimator=algo.kl.estimator, entropy_coef=algo.entropy_coef)
+                           kl_coef=algo.kl.coef, kl_estimator=algo.kl.estimator, entropy_coef=algo.entropy_coef,
+                           entropy_penalty=algo.entropy_penalty)
+        if algo.loss == "papo":
+            loss_kwargs.update(perception_coef=algo.papo.coef, perception_clamp=algo.papo.clamp)
         scale = float(len(micro_batches) * self.dp_size)
         loss_func = partial(update_loss_func, vocab_size=self.vocab_size, loss_name=algo.loss,
                             loss_kwargs=loss_kwargs, scale=scale, temperature=self.cfg.rollout.temperature)
@@ -305,7 +343,7 @@ class MegatronPolicy:
         stats = {"actor/grad_norm": grad_norm, "actor/skipped_updates": 0.0 if update_ok else 1.0}
         if reported:
             tokens = sum(float(r["tokens"]) for r in reported)
-            for key in ("loss", "clip_fraction", "approx_kl", "kl_ref"):
+            for key in ("loss", "clip_fraction", "approx_kl", "kl_ref", "perception_kl"):
                 if key not in reported[0]:
                     continue
                 weighted = sum(float(r[key]) * float(r["tokens"]) for r in reported) / max(tokens, 1.0)

@@ -58,6 +58,8 @@ class Rollouts:
                                    timeout_s=r.timeout_s, num_workers=r.num_workers,
                                    max_answer_chars=r.max_answer_chars) if self.owner else None
         self.eval_scorer = None  # benchmark answer checking, on rank 0 at the first evaluate()
+        self.mask_ratio = masked_view_ratio(cfg)  # PAPO / VPPO: each prompt's image also with patches masked
+        self._step = 0
 
     @property
     def logprobs_mode(self) -> str:
@@ -166,6 +168,14 @@ class Rollouts:
     def _sample(self, dataset, rec: dict) -> Sample:
         example = dataset[rec["prompt_index"]]
         pixels, grid = self.images((id(dataset), rec["prompt_index"]), example.image)
+        masked = None
+        if self.mask_ratio is not None:
+            from ..algorithms.perception import black_patch_row, mask_patches
+
+            processor = self.images.processor
+            seed = (self.cfg.trainer.seed * 1_000_003 + self._step) * 1_000_033 + rec["prompt_index"]
+            masked = mask_patches(pixels, self.mask_ratio, torch.Generator().manual_seed(seed),
+                                  black_patch_row(processor.image_mean, processor.image_std, pixels.shape[1]))
         n_slots = sum(1 for t in rec["prompt_ids"] if t == self.image_token_id)
         if n_slots != self.images.num_tokens(grid):
             raise RuntimeError(f"the engine's prompt has {n_slots} image tokens but the image processor gives "
@@ -174,7 +184,8 @@ class Rollouts:
                       reward=rec["reward"], group=rec["prompt_index"], truncated=rec["truncated"],
                       rollout_logprobs=rec["logprobs"], pixel_values=pixels, image_grid_thw=grid,
                       answer=example.answer, extra={**{k: rec[k] for k in ("accuracy", "format", "text")},
-                                                    "question": getattr(example, "question", None)})
+                                                    "question": getattr(example, "question", None)},
+                      masked_pixel_values=masked)
 
     def batch(self, dataset, stream: PromptStream, step: int) -> Tuple[List[Sample], Dict[str, float]]:
         """The step's training samples: ``data.rollout_batch_size`` prompts from ``stream``, ``rollout.n`` samples
@@ -183,6 +194,7 @@ class Rollouts:
         ``reward/*`` and ``response/*`` statistics over everything sampled)."""
         cfg = self.cfg
         dapo = cfg.algorithm.dapo
+        self._step = step  # seeds the masked views (one mask per prompt and step: reproducible, also on resume)
         kept: List[Sample] = []
         everything: List[Sample] = []
         stats = {"sampling/rounds": 0.0, "sampling/dropped_groups": 0.0}
@@ -266,6 +278,17 @@ class Rollouts:
             self.scorer.close()
         if self.eval_scorer is not None:
             self.eval_scorer.close()
+
+
+def masked_view_ratio(cfg: Config) -> Optional[float]:
+    """The patch-mask probability of the masked-image view when the algorithm compares against one (PAPO's loss:
+    ``algorithm.papo.mask_ratio``; VPPO's shaper: ``algorithm.vppo.mask_ratio``), else None."""
+    from ..algorithms import ADVANTAGE_SHAPERS, POLICY_LOSSES, second_view
+
+    algo = cfg.algorithm
+    if second_view(ADVANTAGE_SHAPERS.get(algo.advantage), POLICY_LOSSES.get(algo.loss)) != "masked_image":
+        return None
+    return algo.papo.mask_ratio if algo.loss == "papo" else algo.vppo.mask_ratio
 
 
 def filter_values(samples: List[Sample], metric: str) -> torch.Tensor:

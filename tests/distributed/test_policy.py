@@ -159,9 +159,10 @@ def test_megatron_update_gradients_equal_whole_batch_reference(workers, tiny_hf_
         assert results[0]["loss"] == pytest.approx(results[0]["ref_loss"], abs=1e-5)
 
 
-def _score_vs_transformers(hf_path, tp, sp, share_prompts):
+def _score_vs_transformers(hf_path, tp, sp, share_prompts, view="text_only"):
     """The scoring pass (both estimators) at this layout vs. a plain full-vocabulary torch computation on the
-    transformers model's logits: the normal forward, and the visual-blind forward in its attention-mask form."""
+    transformers model's logits: the normal forward, and the second view's: the visual-blind forward in its
+    attention-mask form, or (``view="masked_image"``, PAPO / VPPO) the normal forward on the masked images."""
     from types import SimpleNamespace
 
     import torch
@@ -176,13 +177,25 @@ def _score_vs_transformers(hf_path, tp, sp, share_prompts):
     from megatron_pgpo.trainer.policy import MegatronPolicy
 
     samples = _samples()
+    if view == "masked_image":  # one mask per prompt (group), as the rollouts make them
+        from megatron_pgpo.algorithms.perception import mask_patches
+
+        fill = torch.full((1176,), -1.5)
+        masked = {g: mask_patches(samples[g].pixel_values, 0.9, torch.Generator().manual_seed(g), fill)
+                  for g in range(3)}
+        for s in samples:
+            s.masked_pixel_values = masked[s.group]
     full = collate(samples, list(range(N_SAMPLES)), IMAGE_TOKEN_ID, 2)
     inputs = SimpleNamespace(input_ids=full.input_ids, pixel_values=full.pixel_values,
                              image_grid_thw=full.image_grid_thw, image_mask=full.image_mask,
                              position_ids=full.position_ids,
                              attention_mask=torch.tensor([[t < s.length for t in range(full.input_ids.shape[1])]
                                                           for s in samples]).long())
-    ref = hf_logits(load_hf_model(hf_path), inputs)
+    hf_model = load_hf_model(hf_path)
+    ref = hf_logits(hf_model, inputs)
+    if view == "masked_image":
+        inputs.pixel_values = full.masked_pixel_values
+        ref["text_only"] = hf_logits(hf_model, inputs)["image"]
     lp_img = torch.log_softmax(ref["image"][:, :-1].double(), -1)
     lp_txt = torch.log_softmax(ref["text_only"][:, :-1].double(), -1)
     target = full.input_ids[:, 1:, None]
@@ -205,7 +218,7 @@ def _score_vs_transformers(hf_path, tp, sp, share_prompts):
         cfg = load_config(None, [f"parallel.tensor_model_parallel_size={tp}", f"algorithm.pgpo.estimator={estimator}",
                                  f"parallel.sequence_parallel={str(sp).lower()}",
                                  f"trainer.share_prompts={str(share_prompts).lower()}"])
-        for out in MegatronPolicy(model, cfg).score(micro):
+        for out in MegatronPolicy(model, cfg).score(micro, view=view):
             for row, i in enumerate(out.indices):
                 mask = full.response_mask[i]
                 # A micro-batch is narrower than the whole batch, or wider (padded to a multiple of TP under SP).
@@ -221,14 +234,17 @@ def _score_vs_transformers(hf_path, tp, sp, share_prompts):
     return {"errors": errors, "score_scale": {k: float(torch.cat(v).abs().max()) for k, v in scores.items()}}
 
 
-@pytest.mark.parametrize("tp, sp, share_prompts", [(1, False, True), (1, False, False), (2, False, True),
-                                                   (2, True, True), (2, True, False)])
+@pytest.mark.parametrize("tp, sp, share_prompts, view", [
+    (1, False, True, "text_only"), (1, False, False, "text_only"), (2, False, True, "text_only"),
+    (2, True, True, "text_only"), (2, True, False, "text_only"), (2, True, True, "masked_image"),
+    (2, False, False, "masked_image")])
 def test_scoring_pass_equals_full_vocab_reference_on_transformers(workers, tiny_hf_checkpoint, tp, sp,
-                                                                  share_prompts):
-    """Old log-probs, text-only log-probs, entropy, k3 and the exact KL of every response token, computed from
-    the response-token logits only (each group's prompt once per micro-batch with ``share_prompts``), equal
-    torch's full-vocabulary numbers on transformers' two forwards of every sequence on its own."""
-    for r in workers.run(_score_vs_transformers, str(tiny_hf_checkpoint), tp, sp, share_prompts, tp=tp):
+                                                                  share_prompts, view):
+    """Old log-probs, the second view's log-probs (text-only, or masked image for PAPO / VPPO), entropy, k3 and
+    the exact KL of every response token, computed from the response-token logits only (each group's prompt once
+    per micro-batch with ``share_prompts``), equal torch's full-vocabulary numbers on transformers' two forwards of
+    every sequence on its own."""
+    for r in workers.run(_score_vs_transformers, str(tiny_hf_checkpoint), tp, sp, share_prompts, view, tp=tp):
         assert set(r["errors"]) == {"logp", "logp_text", "entropy", "k3", "exact"}
         assert r["score_scale"]["k3"] > 1e-3 and r["score_scale"]["exact"] > 1e-3  # the image matters here
         for key, err in r["errors"].items():

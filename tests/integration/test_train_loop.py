@@ -181,3 +181,16 @@ def test_real_loop_plumbing_at_pp2_and_dp2(tmp_path, demo_checkpoint, layout, np
     result = visualize(str(run_dir), png=False)
     assert result.steps == [2] and result.num_tokens == sum(len(row["tokens"]) for row in rows)
     assert result.html_path.is_file()
+
+
+def test_papo_loss_with_vppo_advantages_runs_the_masked_image_view(tmp_path, demo_checkpoint):
+    """PAPO's loss and VPPO's shaper together (both read the masked-image view of the scoring pass; equalities are
+    in tests/unit/test_perception.py and the TP=2 scoring test): two real steps at TP=2, the perception KL logged,
+    the plumbing numbers that hold for any shaper (VPPO's token advantages do not sum to L x A by design)."""
+    records = _train(tmp_path / "run", demo_checkpoint, 2, "algorithm.advantage=vppo", "algorithm.loss=papo",
+                     "algorithm.entropy_penalty=0.03", "checkpoint.export_hf=false")
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert r["actor/skipped_updates"] == 0.0 and r["actor/perception_kl"] >= 0.0
+        assert r["check/group_adv_sum_max"] < 1e-5 and r["check/rollout_logp_diff_max"] < 5e-4, r
+        assert r["vd/score_mean"] > 0.0  # the masked view's dependency (k3), reported like PGPO's

@@ -202,6 +202,6 @@ def test_ablations_against_a_plain_loop(batch):
 
 def test_ablations_are_registered_and_run_the_text_only_pass():
     for name in ("pgpo_suppression_only", "pgpo_boosting_only", "pgpo_no_normalization"):
-        assert name in ADVANTAGE_SHAPERS.names() and ADVANTAGE_SHAPERS.get(name).uses_visual_dependency
+        assert name in ADVANTAGE_SHAPERS.names() and ADVANTAGE_SHAPERS.get(name).second_view == "text_only"
     with pytest.raises(ValueError, match="gate 'middle': valid: both, suppress, boost"):
         threshold_gate(torch.zeros(2), gate="middle")

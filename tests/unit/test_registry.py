@@ -1,6 +1,6 @@
 import pytest
 
-from megatron_pgpo.algorithms import ADVANTAGE_SHAPERS, Registry
+from megatron_pgpo.algorithms import ADVANTAGE_SHAPERS, POLICY_LOSSES, Registry
 
 
 def test_register_get_and_errors():
@@ -22,4 +22,5 @@ def test_register_get_and_errors():
 
 def test_builtin_shapers():
     assert ADVANTAGE_SHAPERS.names() == ["grpo", "pgpo", "pgpo_boosting_only", "pgpo_no_normalization",
-                                        "pgpo_suppression_only"]
+                                        "pgpo_suppression_only", "vppo"]
+    assert POLICY_LOSSES.names() == ["clipped", "papo"]
