@@ -115,21 +115,25 @@ def clipped_policy_loss(
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     token_loss = torch.maximum(unclipped, clipped)
-    loss = aggregate_loss(token_loss, mask, aggregation, global_num_tokens, global_num_seqs)
+
+    def agg(values: torch.Tensor) -> torch.Tensor:  # every term reduced the same way
+        return aggregate_loss(values, mask, aggregation, global_num_tokens, global_num_seqs)
+
+    loss = agg(token_loss)
     extra: Dict[str, torch.Tensor] = {}
     if kl_coef > 0:
         if ref_logp is None:
             raise ValueError("kl_coef > 0 needs ref_logp [B, T] (the reference policy's log-probs)")
         kl = reference_kl(logp, ref_logp, kl_estimator)
-        loss = loss + kl_coef * aggregate_loss(kl, mask, aggregation, global_num_tokens, global_num_seqs)
+        loss = loss + kl_coef * agg(kl)
         extra["kl_ref"] = masked_mean(kl.detach(), mask)
     if entropy_coef > 0:
         if entropy is None:
             raise ValueError("entropy_coef > 0 needs entropy [B, T] (the current policy's, with gradient)")
-        loss = loss - entropy_coef * aggregate_loss(entropy, mask, aggregation, global_num_tokens, global_num_seqs)
+        loss = loss - entropy_coef * agg(entropy)
         extra["entropy"] = masked_mean(entropy.detach(), mask)
     if entropy_penalty > 0:
-        loss = loss + entropy_penalty * aggregate_loss(-logp, mask, aggregation, global_num_tokens, global_num_seqs)
+        loss = loss + entropy_penalty * agg(-logp)
         extra["nll"] = masked_mean(-logp.detach(), mask)
 
     with torch.no_grad():

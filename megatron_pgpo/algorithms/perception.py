@@ -24,8 +24,8 @@ term of the masked view, which carries no gradient and is left out.
 Deliberate differences, also in docs/algorithms.md: the mask covers whole 14-px patches of the image the vision
 tower sees (rows of ``pixel_values``, set to the normalised value of black), where PAPO masks 14-px squares of the
 original image before resizing and VPPO of the resized one; one mask per prompt, seeded by the run's seed, the step
-and the prompt (VPPO draws one per response); VPPO's min-max and mean run over the whole rollout batch (its code
-uses each device's mini-batch and micro-batch).
+and the prompt (VPPO draws one per response); VPPO's min-max and mean run over each data-parallel rank's whole share
+of the rollout batch (its code uses each device's mini-batch for the min-max and each micro-batch for the mean).
 """
 from __future__ import annotations
 
@@ -145,8 +145,8 @@ def vppo_advantages(seq_advantages: torch.Tensor, scores: torch.Tensor, response
 def vppo_shaper(seq_advantages: torch.Tensor, response_mask: torch.Tensor, *, scores: Optional[torch.Tensor] = None,
                 vppo_top_fraction: float = 0.4, vppo_beta_min: float = 0.9, vppo_score_clamp: float = 10.0,
                 **_unused) -> torch.Tensor:
-    """Registry entry for VPPO: ``scores [B, T]`` from the masked-image view are required; called once on the whole
-    rollout batch (the trajectory scaling normalises over it)."""
+    """Registry entry for VPPO: ``scores [B, T]`` from the masked-image view are required; called once on the rank's
+    whole share of the rollout batch (``whole_batch``: the trajectory scaling normalises over it)."""
     if scores is None:
         raise ValueError("the 'vppo' advantage shaper needs masked-image dependency scores [B, T]; got scores=None")
     out = vppo_advantages(seq_advantages, scores, response_mask, vppo_top_fraction, vppo_beta_min, vppo_score_clamp)

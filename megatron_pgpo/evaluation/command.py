@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -127,20 +127,33 @@ def make_engine(args, model_path: Path, out: Path):
         seed=args.seed))
 
 
-def engine_sampler(engine, args, template: str):
-    """``runner.Sampler`` over one engine."""
-    from ..rollout.engine import RolloutRequest, SamplingConfig
-    from ..trainer.prompts import messages_for
+class EngineSampler:
+    """``runner.Sampler`` over one rollout engine, started at the first call (an eval whose samples are all cached
+    starts none); ``close`` stops it."""
 
-    def sample(problems, n, seed) -> List[List[Tuple[str, str]]]:
-        outputs = engine.generate([RolloutRequest(messages_for(p.question, template), p.image) for p in problems],
-                                  SamplingConfig(n=n, temperature=args.temperature, top_p=args.top_p,
-                                                 max_tokens=args.max_new_tokens, seed=seed))
+    def __init__(self, make_engine: Callable, args, template: str):
+        self.make_engine, self.args, self.template, self.engine = make_engine, args, template, None
+
+    def __call__(self, problems, n: int, seed: int) -> List[List[Tuple[str, str]]]:
+        from ..rollout.engine import RolloutRequest, SamplingConfig
+        from ..trainer.prompts import messages_for
+
+        if self.engine is None:
+            self.engine = self.make_engine()
+            self.engine.start()
+        a = self.args
+        outputs = self.engine.generate(
+            [RolloutRequest(messages_for(p.question, self.template), p.image) for p in problems],
+            SamplingConfig(n=n, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_new_tokens, seed=seed))
         grouped: List[List[Tuple[str, str]]] = [[] for _ in problems]
         for o in outputs:
             grouped[o.request_index].append((o.text, o.finish_reason))
         return grouped
-    return sample
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -157,7 +170,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from ..trainer.prompts import DEFAULT_TEMPLATE, PromptLength, render_prompt
     from .protocol import Protocol, SampleCache, markdown_table, write_results
-    from .runner import evaluate, rescore
+    from .runner import rescore
     from .scoring import BenchmarkScorer
 
     out = Path(args.out)
@@ -177,24 +190,19 @@ def run_eval(args: argparse.Namespace) -> int:
             document = rescore(benchmarks, protocol, scorer, cache, skipped)
         else:
             document = _generate_and_score(args, model_path, out, benchmarks, skipped, protocol, cache, scorer,
-                                           template, evaluate)
+                                           template)
     paths = write_results(out, document)
     print(markdown_table(document))
     print(f"wrote {paths[0]}, {paths[1]} and {out / 'samples'}/")
     return 0
 
 
-def _generate_and_score(args, model_path, out, benchmarks, skipped, protocol, cache, scorer, template, evaluate):
+def _generate_and_score(args, model_path, out, benchmarks, skipped, protocol, cache, scorer, template):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .protocol import missing_samples
+    from .runner import evaluate
 
-    engine = None
-    needed = any(missing_samples([p.uid for p in problems], cache.load(name), protocol.k)
-                 for name, problems in benchmarks.items())
-    if needed:
-        engine = make_engine(args, model_path, out)
-        engine.start()
+    sampler = EngineSampler(lambda: make_engine(args, model_path, out), args, template)
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       transient=True) as bar:
@@ -204,8 +212,6 @@ def _generate_and_score(args, model_path, out, benchmarks, skipped, protocol, ca
                 if name not in tasks:
                     tasks[name] = bar.add_task(f"eval {name}", total=total)
                 bar.update(tasks[name], completed=done)
-            sampler = engine_sampler(engine, args, template) if engine is not None else None
             return evaluate(benchmarks, sampler, protocol, scorer, cache, skipped, progress=progress)
     finally:
-        if engine is not None:
-            engine.shutdown()
+        sampler.close()

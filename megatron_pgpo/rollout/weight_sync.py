@@ -134,35 +134,33 @@ def iter_stage_hf_tensors(model, transformer_impl: str = "local") -> Iterator[Na
 
 
 def _send_bucket(bucket: Optional[List[NamedTensor]], dst: int, group, error: Optional[str] = None) -> None:
-    """Metadata (names, shapes, dtypes; None = end of stage; a string = the sender failed), then the bytes."""
+    """Metadata (the packed layout and its byte count; None = end of stage; a string = the sender failed), then
+    the bytes, packed as the CUDA-IPC transport packs them (``cuda_ipc.pack_bucket``: aligned, so every tensor's
+    view is valid on the receiving side whatever the mix of dtypes)."""
     from ..parallel import collectives
+    from .cuda_ipc import pack_bucket
 
-    meta: Any = error if error is not None else (
-        None if bucket is None else [(n, tuple(t.shape), str(t.dtype).split(".")[-1]) for n, t in bucket])
-    collectives.send_object(meta, dst, group)
-    if bucket and error is None:
-        flat = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for _, t in bucket])
-        collectives.send(flat, dst, group)
+    if error is not None or bucket is None:
+        collectives.send_object(error, dst, group)
+        return
+    flat, layout = pack_bucket(bucket)
+    collectives.send_object((layout, flat.numel()), dst, group)
+    collectives.send(flat, dst, group)
 
 
 def _recv_bucket(src: int, group, device: torch.device) -> Optional[List[NamedTensor]]:
     """The next bucket from ``src``, received on ``device``: where the sender's stage keeps its weights too (the
     same device type on every rank), so a GPU run moves it over NCCL without a host copy."""
     from ..parallel import collectives
+    from .cuda_ipc import unpack_bucket
 
     meta = collectives.recv_object(src, group)
     if meta is None:
         return None
     if isinstance(meta, str):
         raise WeightSyncError(f"the sender (global rank {src}) failed: {meta}")
-    dtypes = [getattr(torch, d) for _, _, d in meta]
-    sizes = [int(torch.Size(shape).numel()) * torch.empty((), dtype=dt).element_size()
-             for (_, shape, _), dt in zip(meta, dtypes)]
-    flat = collectives.recv((sum(sizes),), torch.uint8, src, group, device=device)
-    out = []
-    for (name, shape, _), dt, part in zip(meta, dtypes, flat.split(sizes)):
-        out.append((name, part.view(dt).reshape(shape)))
-    return out
+    layout, numel = meta
+    return unpack_bucket(collectives.recv((numel,), torch.uint8, src, group, device=device), layout)
 
 
 def iter_full_model_hf_tensors(model, bucket_bytes: int = DEFAULT_BUCKET_BYTES, transformer_impl: str = "local"

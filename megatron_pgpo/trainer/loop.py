@@ -201,8 +201,8 @@ class Trainer:
         minis = self._mini_batches(samples)
         micro = [self._micro_batches(samples, m) for m in minis]
         t0 = time.perf_counter()
-        shaper = ADVANTAGE_SHAPERS.get(cfg.algorithm.advantage)
-        view = second_view(shaper, POLICY_LOSSES.get(cfg.algorithm.loss))
+        shaper, loss_fn = ADVANTAGE_SHAPERS.get(cfg.algorithm.advantage), POLICY_LOSSES.get(cfg.algorithm.loss)
+        view = second_view(shaper, loss_fn)
         if view is None and cfg.algorithm.monitor_visual_dependency:
             view = "text_only"
         scored = [self.policy.score(mbs, view=view) for mbs in micro]
@@ -215,7 +215,7 @@ class Trainer:
                         uses_scores=getattr(shaper, "second_view", None) is not None)
         old_logp = {i: so.logp[row] for so in flat for row, i in enumerate(so.indices)}
         view_logp = ({i: so.logp_text[row] for so in flat for row, i in enumerate(so.indices)}
-                     if getattr(POLICY_LOSSES.get(cfg.algorithm.loss), "second_view", None) else {})
+                     if getattr(loss_fn, "second_view", None) else {})
         ref_logp = {}
         if cfg.algorithm.kl.coef > 0:  # the frozen reference's log-probs of the same tokens (image rows)
             ref_logp = {i: so.logp[row] for mbs in micro for so in self.policy.score(mbs, reference=True)

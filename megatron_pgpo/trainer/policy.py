@@ -91,19 +91,19 @@ def score_loss_func(mb: ModelBatch, extras: dict, output: torch.Tensor, *, vocab
     of the image view from the second view (k3, or the exact KL). Divided by ``temperature`` first
     (``scaled_logits``).
     """
-    text_only = second_view
     output = scaled_logits(output, temperature)
     mask = mb.response_mask
     labels = mb.input_ids[mask].to(output.device)
     n = labels.shape[0]
-    if output.shape[0] != (2 * n if text_only else n):
-        raise ValueError(f"{output.shape[0]} logit rows for {n} response tokens (text_only={text_only})")
+    if output.shape[0] != (2 * n if second_view else n):
+        raise ValueError(f"{output.shape[0]} logit rows for {n} response tokens (second_view={second_view})")
     img = output[:n]
     # Both variants' log-probs in one call: the same all-reduces as the image rows alone, twice the tokens.
-    both = vocab_parallel_logprobs(output, torch.cat([labels, labels]) if text_only else labels, vocab_size=vocab_size)
+    both = vocab_parallel_logprobs(output, torch.cat([labels, labels]) if second_view else labels,
+                                   vocab_size=vocab_size)
     logp = both[:n]
     entropy = vocab_parallel_entropy(img, vocab_size=vocab_size)
-    if not text_only:
+    if not second_view:
         logp_text = scores = torch.zeros_like(logp)
     else:
         logp_text = both[n:]
@@ -282,19 +282,17 @@ class MegatronPolicy:
         )
 
     @torch.no_grad()
-    def score(self, micro_batches: List[ModelBatch], text_only: bool = True, reference: bool = False,
-              view: Optional[str] = None) -> List[ScoreOutput]:
+    def score(self, micro_batches: List[ModelBatch], view: Optional[str] = "text_only", reference: bool = False
+              ) -> List[ScoreOutput]:
         """Old-policy log-probs, the second view's log-probs (``logp_text``), their divergence (``scores``) and
         entropy (last stage; [] elsewhere).
 
         ``view``: ``text_only`` (PGPO), ``masked_image`` (PAPO / VPPO) or None (image rows only: GRPO/DAPO;
-        ``logp_text`` and ``scores`` are 0); when not given, ``text_only`` picks between the first and the last.
-        ``reference``: the frozen reference model's log-probs instead (image rows only).
+        ``logp_text`` and ``scores`` are 0). ``reference``: the frozen reference model's log-probs instead (image
+        rows only, whatever ``view``).
         """
         if reference and self.reference is None:
             raise ValueError("no reference model: build the policy with reference= (algorithm.kl.coef > 0)")
-        if view is None and text_only:
-            view = "text_only"
         if reference:
             view = None
         variants = {None: "score_image", "text_only": "score", "masked_image": "score_masked"}

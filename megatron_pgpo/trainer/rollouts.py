@@ -60,6 +60,7 @@ class Rollouts:
         self.eval_scorer = None  # benchmark answer checking, on rank 0 at the first evaluate()
         self.mask_ratio = masked_view_ratio(cfg)  # PAPO / VPPO: each prompt's image also with patches masked
         self._step = 0
+        self._masked: Dict[int, torch.Tensor] = {}  # this step's masked pixel values per prompt, shared by its samples
 
     @property
     def logprobs_mode(self) -> str:
@@ -168,14 +169,7 @@ class Rollouts:
     def _sample(self, dataset, rec: dict) -> Sample:
         example = dataset[rec["prompt_index"]]
         pixels, grid = self.images((id(dataset), rec["prompt_index"]), example.image)
-        masked = None
-        if self.mask_ratio is not None:
-            from ..algorithms.perception import black_patch_row, mask_patches
-
-            processor = self.images.processor
-            seed = (self.cfg.trainer.seed * 1_000_003 + self._step) * 1_000_033 + rec["prompt_index"]
-            masked = mask_patches(pixels, self.mask_ratio, torch.Generator().manual_seed(seed),
-                                  black_patch_row(processor.image_mean, processor.image_std, pixels.shape[1]))
+        masked = None if self.mask_ratio is None else self._masked_pixels(rec["prompt_index"], pixels)
         n_slots = sum(1 for t in rec["prompt_ids"] if t == self.image_token_id)
         if n_slots != self.images.num_tokens(grid):
             raise RuntimeError(f"the engine's prompt has {n_slots} image tokens but the image processor gives "
@@ -187,6 +181,19 @@ class Rollouts:
                                                     "question": getattr(example, "question", None)},
                       masked_pixel_values=masked)
 
+    def _masked_pixels(self, prompt_index: int, pixels: torch.Tensor) -> torch.Tensor:
+        """The prompt's image with patches masked (``algorithms/perception.py``): one mask per prompt and step, drawn
+        once and shared by the prompt's samples, seeded by ``trainer.seed``, the step and the prompt."""
+        if prompt_index not in self._masked:
+            from ..algorithms.perception import black_patch_row, mask_patches
+
+            processor = self.images.processor
+            seed = (self.cfg.trainer.seed * 1_000_003 + self._step) * 1_000_033 + prompt_index
+            self._masked[prompt_index] = mask_patches(
+                pixels, self.mask_ratio, torch.Generator().manual_seed(seed),
+                black_patch_row(processor.image_mean, processor.image_std, pixels.shape[1]))
+        return self._masked[prompt_index]
+
     def batch(self, dataset, stream: PromptStream, step: int) -> Tuple[List[Sample], Dict[str, float]]:
         """The step's training samples: ``data.rollout_batch_size`` prompts from ``stream``, ``rollout.n`` samples
         each; with DAPO dynamic sampling, groups whose rewards are all equal are dropped and refilled with new
@@ -194,7 +201,7 @@ class Rollouts:
         ``reward/*`` and ``response/*`` statistics over everything sampled)."""
         cfg = self.cfg
         dapo = cfg.algorithm.dapo
-        self._step = step  # seeds the masked views (one mask per prompt and step: reproducible, also on resume)
+        self._step, self._masked = step, {}  # seeds the masked views: reproducible, also on resume
         kept: List[Sample] = []
         everything: List[Sample] = []
         stats = {"sampling/rounds": 0.0, "sampling/dropped_groups": 0.0}

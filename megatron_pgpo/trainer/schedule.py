@@ -31,8 +31,8 @@ def learning_rate(t, step: int) -> float:
     return t.min_lr + coeff * (t.lr - t.min_lr)
 
 
-def build_scheduler(optimizer, t, step: int = 0):
-    """Megatron's scheduler for ``t`` (a ``TrainerConfig``), set to training step ``step``."""
+def build_scheduler(optimizer, t):
+    """Megatron's scheduler for ``t`` (a ``TrainerConfig``) at training step 0 (``set_step`` moves it)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     if t.lr_schedule not in DECAY_STYLES:
@@ -43,7 +43,6 @@ def build_scheduler(optimizer, t, step: int = 0):
         lr_decay_style=t.lr_schedule, start_wd=t.weight_decay, end_wd=t.weight_decay,
         wd_incr_steps=max(t.total_steps, 1), wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
-    set_step(scheduler, step)
     return scheduler
 
 
@@ -54,5 +53,5 @@ def set_step(scheduler, step: int) -> None:
 
 
 def current_lr(optimizer) -> float:
-    """The learning rate the optimizer's parameter groups use now (the first group with ``max_lr``'s value)."""
+    """The learning rate the optimizer uses now: its first parameter group's (Megatron's default group)."""
     return float(optimizer.param_groups[0]["lr"])

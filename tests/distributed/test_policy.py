@@ -353,7 +353,7 @@ def _pipeline_case(hf_path):
                                             logp[i][full.response_mask[i]]).abs().max()))
     # Without the text-only rows (GRPO/DAPO) the old log-probs are the same, and S is zero.
     image_only_err = 0.0
-    for full_out, img_out in zip(scored, policy.score(micro, text_only=False)):
+    for full_out, img_out in zip(scored, policy.score(micro, view=None)):
         image_only_err = max(image_only_err, float((full_out.logp - img_out.logp).abs().max()),
                              float(img_out.scores.abs().max()))
     extras = [{"old_logp": old_logp[mb.indices][:, : mb.input_ids.shape[1]],
