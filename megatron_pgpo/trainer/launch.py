@@ -71,6 +71,28 @@ def check_supported(cfg: Config) -> None:
             raise ConfigError(f"{exc} (model.hf_path={cfg.model.hf_path})") from None
 
 
+def check_resumable(cfg: Config, world: int) -> None:
+    """Before any process starts: the checkpoint the run would resume from (``run_dir.resumable_checkpoint``) can
+    be resumed at this layout (``checkpoint.resume_layout_problem``).
+
+    Raises:
+        ValueError: it cannot, saying why and what to do; RuntimeError: every checkpoint of the run is damaged.
+    """
+    if not cfg.checkpoint.resume:
+        return
+    from .checkpoint import read_trainer_state, resume_layout_problem
+    from .run_dir import resumable_checkpoint
+
+    found = resumable_checkpoint(cfg.trainer.run_dir)
+    if found is None:
+        return
+    p = cfg.parallel
+    problem = resume_layout_problem(read_trainer_state(found).get("layout"), p.tensor_model_parallel_size,
+                                    p.pipeline_model_parallel_size, world)
+    if problem:
+        raise ValueError(f"cannot resume {found}: {problem}")
+
+
 def init_rank(cfg: Config, rank: int, world_size: int, master_addr: str, master_port: int,
               local_rank: Optional[int] = None, local_world_size: Optional[int] = None,
               shared_visible: bool = False) -> torch.device:
@@ -191,6 +213,8 @@ def launch(cfg: Config, nproc: Optional[int] = None) -> dict:
     (torchrun/srun; rank 0 also writes them to ``$PGPO_STATUS_FILE`` when set, for the sbatch templates)."""
     check_supported(cfg)
     adopt_slurm_step_environment()
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_resumable(cfg, int(os.environ.get("WORLD_SIZE", nproc or cfg.parallel.model_parallel_size)))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -293,11 +293,20 @@ class Trainer:
         return path
 
     def maybe_resume(self) -> bool:
+        """Load the newest undamaged checkpoint of the run directory (``run_dir.resumable_checkpoint``: a damaged
+        newest one is passed over with a warning naming the file); False when there is none."""
         from .checkpoint import load_training_state
-        from .run_dir import latest_checkpoint
+        from .run_dir import resumable_checkpoint
 
-        found = latest_checkpoint(str(self.run_dir)) if self.cfg.checkpoint.resume else None
-        path = collectives.broadcast_object(str(found) if found else None, src=0)
+        found, error = None, None
+        if self.rank == 0 and self.cfg.checkpoint.resume:
+            try:
+                found = resumable_checkpoint(str(self.run_dir))
+            except RuntimeError as exc:  # every rank raises it, none waits for rank 0
+                error = str(exc)
+        path, error = collectives.broadcast_object((str(found) if found else None, error), src=0)
+        if error:
+            raise RuntimeError(error)
         if path is None:
             return False
         state = load_training_state(self.policy, Path(path))

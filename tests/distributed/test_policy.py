@@ -425,17 +425,24 @@ def _resume_case(hf_path, ckpt_dir):
     policy = fresh()
     policy.update([mb], extras(1), total, float(N_SAMPLES))
     save_training_state(policy, ckpt_dir, {"step": 1})
-    expected_draw = torch.rand(3)  # the RNG state of the save must come back on resume
+    import random
+
+    import numpy as np
+
+    def draw():  # every RNG whose state the save must bring back
+        return torch.rand(3).tolist() + [random.random(), float(np.random.rand())]
+
+    expected_draw = draw()
     policy.update([mb], extras(2), total, float(N_SAMPLES))
     continued = {n: p.detach().clone() for n, p in policy.module.named_parameters()}
 
     resumed = fresh()
     state = load_training_state(resumed, ckpt_dir)
-    resumed_draw = torch.rand(3)
+    resumed_draw = draw()
     resumed.update([mb], extras(2), total, float(N_SAMPLES))
     diff = max(float((p.detach() - continued[n]).abs().max()) for n, p in resumed.module.named_parameters())
     dist.barrier()
-    return {"step": state["step"], "diff": diff, "rng_ok": torch.equal(expected_draw, resumed_draw)}
+    return {"step": state["step"], "diff": diff, "rng_ok": expected_draw == resumed_draw}
 
 
 def test_checkpoint_resume_is_bit_identical(workers, tiny_hf_checkpoint, tmp_path):

@@ -78,3 +78,21 @@ def test_train_without_a_checkpoint_says_what_to_do():
 def test_train_refuses_options_the_loop_does_not_implement():
     proc = run("train", "model.hf_path=/nonexistent", "model.init_checkpoint=/x", check=False)
     assert proc.returncode != 0 and "model.init_checkpoint" in proc.stderr
+
+
+def test_train_refuses_to_resume_at_another_tp_before_starting_any_process(tmp_path):
+    from megatron_pgpo.models.qwen2_5_vl.tiny import save_tiny_checkpoint
+    from megatron_pgpo.trainer.run_dir import write_manifest
+
+    hf = save_tiny_checkpoint(tmp_path / "hf", "tiny", seed=0)
+    step = tmp_path / "run" / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text(json.dumps(
+        {"step": 4, "stream_position": 64, "layout": {"world": 2, "tp": 2, "pp": 1, "dp": 1,
+                                                      "distributed_optimizer": True}}))
+    write_manifest(step)
+    proc = run("train", f"model.hf_path={hf}", f"trainer.run_dir={tmp_path / 'run'}",
+               "parallel.tensor_model_parallel_size=1", "--nproc", "2", check=False)
+    assert proc.returncode != 0
+    assert "resume error: cannot resume" in proc.stderr and "saved at TP=2 PP=1" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -78,3 +78,93 @@ def test_wandb_offline(tmp_path):
     with MetricsLogger(str(tmp_path), tensorboard=False, wandb=True, wandb_mode="offline") as log:
         log.log(1, {"reward/mean": 0.5})
     assert list((tmp_path / "wandb").glob("offline-run-*")), "wandb offline run directory missing"
+
+
+def _two_checkpoints(tmp_path):
+    run = str(tmp_path)
+    for step in (1, 2):
+        def write(path, step=step):
+            (path / "model_optim").mkdir()
+            (path / "model_optim" / "shard.distcp").write_bytes(bytes(range(256)) * (100 + step))
+            (path / "trainer_state.json").write_text(json.dumps({"step": step}))
+        atomic_save(run, step, write)
+    return run
+
+
+def test_a_truncated_newest_checkpoint_is_passed_over_with_a_warning_naming_the_file(tmp_path, caplog):
+    from megatron_pgpo.trainer.run_dir import resumable_checkpoint
+
+    run = _two_checkpoints(tmp_path)
+    assert checkpoint_step(resumable_checkpoint(run)) == 2  # both intact
+    shard = tmp_path / "checkpoints" / "step_00000002" / "model_optim" / "shard.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with caplog.at_level("WARNING"):
+        assert checkpoint_step(resumable_checkpoint(run)) == 1
+    assert "step_00000002 is damaged" in caplog.text and "shard.distcp has 1000 bytes" in caplog.text
+    assert "resuming from step_00000001 instead" in caplog.text
+
+
+def test_an_altered_small_file_fails_its_checksum_and_every_damaged_checkpoint_is_an_error(tmp_path):
+    from megatron_pgpo.trainer.run_dir import checkpoint_problem, resumable_checkpoint
+
+    run = _two_checkpoints(tmp_path)
+    for step in (1, 2):  # same size, one byte changed
+        state = tmp_path / "checkpoints" / f"step_{step:08d}" / "trainer_state.json"
+        state.write_text(state.read_text().replace(str(step), "7"))
+        assert "trainer_state.json does not match its saved CRC-32" in checkpoint_problem(state.parent)
+    (tmp_path / "checkpoints" / "step_00000001" / "model_optim" / "shard.distcp").unlink()
+    with pytest.raises(RuntimeError, match="every checkpoint .* is damaged") as err:
+        resumable_checkpoint(run)
+    assert "shard.distcp is missing" in str(err.value) and "checkpoint.resume=false" in str(err.value)
+
+
+def test_a_checkpoint_without_a_manifest_is_taken_as_it_is(tmp_path):
+    from megatron_pgpo.trainer.run_dir import resumable_checkpoint
+
+    run = _two_checkpoints(tmp_path)
+    (tmp_path / "checkpoints" / "step_00000002" / "manifest.json").unlink()
+    assert checkpoint_step(resumable_checkpoint(run)) == 2
+
+
+def test_resume_layouts_any_dp_the_same_tp_pp_with_the_distributed_optimizer():
+    from megatron_pgpo.trainer.checkpoint import resume_layout_problem
+
+    saved = {"world": 8, "tp": 2, "pp": 2, "dp": 2, "distributed_optimizer": True}
+    assert resume_layout_problem(saved, 2, 2, 16) is None  # DP 2 -> 4
+    assert resume_layout_problem(saved, 2, 2, 4) is None  # DP 2 -> 1
+    problem = resume_layout_problem(saved, 4, 2, 16)
+    assert "saved at TP=2 PP=2" in problem and "this run is TP=4 PP=2" in problem and "mcore-to-hf" in problem
+    assert resume_layout_problem(dict(saved, distributed_optimizer=False), 4, 1, 4) is None
+    assert resume_layout_problem(None, 4, 1, 4) is None
+
+
+def test_an_earlier_format_or_missing_trainer_state_is_a_clear_error(tmp_path):
+    from megatron_pgpo.trainer.checkpoint import read_trainer_state
+
+    (tmp_path / "trainer_state_rank00000.pt").write_bytes(b"pickle")
+    with pytest.raises(ValueError, match="earlier megatron-pgpo .* convert mcore-to-hf"):
+        read_trainer_state(tmp_path)
+    with pytest.raises(ValueError, match="trainer_state.json is missing"):
+        read_trainer_state(tmp_path / "elsewhere")
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_rank_state_file_cannot_run_code_when_loaded(tmp_path):
+    import torch
+
+    from megatron_pgpo.trainer.checkpoint import read_rank_state
+
+    path, marker = tmp_path / "rng_rank00000.pt", tmp_path / "ran"
+    torch.save({"rng": _RunsCode(str(marker))}, path)
+    with pytest.raises(ValueError, match="rng_rank00000.pt is unreadable"):
+        read_rank_state(path)
+    assert not marker.exists()
+    torch.save({"rng": {"torch": torch.get_rng_state(), "python": (3, (1, 2), None)}, "adam_steps": [2.0, None]}, path)
+    assert read_rank_state(path)["adam_steps"] == [2.0, None]
