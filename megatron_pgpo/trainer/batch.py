@@ -35,10 +35,18 @@ class Sample:
     answer: str = ""
     extra: dict = field(default_factory=dict)
     masked_pixel_values: Optional[torch.Tensor] = None  # ``pixel_values`` with patches masked (PAPO / VPPO view)
+    #: False: no token of it is trained on (the response mask leaves it out), e.g. an empty response, whose one
+    #: placeholder token is there only so the row has a shape; its reward still counts in its group's statistics
+    trainable: bool = True
 
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
+
+    @property
+    def trained_tokens(self) -> int:
+        """Response tokens the loss sees (0 when not ``trainable``)."""
+        return len(self.response_ids) if self.trainable else 0
 
 
 @dataclass
@@ -66,6 +74,7 @@ class ModelBatch:
     image_counts: List[int] = field(default_factory=list)
     prompt_keys: List[tuple] = field(default_factory=list)
     masked_pixel_values: Optional[torch.Tensor] = None  # the same images with patches masked (PAPO / VPPO)
+    padding: bool = False  # a masked-out stand-in that keeps a rank with no samples in step with the others
 
     @property
     def num_response_tokens(self) -> int:
@@ -90,7 +99,7 @@ def collate(samples: Sequence[Sample], indices: Sequence[int], image_token_id: i
         ids = s.prompt_ids + s.response_ids
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention[row, : len(ids)] = True
-        response_mask[row, len(s.prompt_ids): len(ids)] = True
+        response_mask[row, len(s.prompt_ids): len(ids)] = s.trainable
         prompt_lengths[row] = len(s.prompt_ids)
     image_mask = image_token_mask(input_ids, image_token_id, prompt_lengths)
     with_images = [s for s in chosen if s.pixel_values is not None]

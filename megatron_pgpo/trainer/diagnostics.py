@@ -19,7 +19,7 @@ from .batch import Sample
 def response_mask(sample: Sample, width: int) -> torch.Tensor:
     """``bool[width]``: True on the response tokens of ``sample`` in its padded row."""
     mask = torch.zeros(width, dtype=torch.bool)
-    mask[len(sample.prompt_ids): sample.length] = True
+    mask[len(sample.prompt_ids): sample.length] = sample.trainable
     return mask
 
 
@@ -44,10 +44,10 @@ def plumbing_checks(samples: List[Sample], scored, seq_adv: torch.Tensor, groups
     for so in scored:
         for row, i in enumerate(so.indices):
             s = samples[i]
-            n, start, a = len(s.response_ids), len(s.prompt_ids), float(seq_adv[i])
+            n, start, a = s.trained_tokens, len(s.prompt_ids), float(seq_adv[i])
             if abs(a) > 1e-6:
                 maxima[0] = max(float(maxima[0]), abs(float(token_adv[i].double().sum()) - n * a) / abs(a))
-            if s.rollout_logprobs is not None and len(s.rollout_logprobs) == n:
+            if n and s.rollout_logprobs is not None and len(s.rollout_logprobs) == n:
                 engine = torch.tensor(s.rollout_logprobs, dtype=torch.float64)
                 d = (so.logp[row, start: start + n].double() - engine).abs()
                 maxima[1] = max(float(maxima[1]), float(d.max()))

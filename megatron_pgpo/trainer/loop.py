@@ -18,6 +18,7 @@ A step:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -60,6 +61,12 @@ def eval_benchmarks(cfg: Config, val_dataset) -> Dict[str, list]:
         return {}
     count = len(val_dataset) if e.limit is None else min(e.limit, len(val_dataset))
     return {"val": problems_from_examples([val_dataset[i] for i in range(count)])}
+
+
+def real_outputs(micro: List[list], outputs: List[list]) -> list:
+    """The scoring pass's outputs (``outputs[k]``: one per micro-batch of ``micro[k]`` on the last stage, none
+    elsewhere) without those of padding micro-batches, flattened."""
+    return [so for mbs, part in zip(micro, outputs) for mb, so in zip(mbs, part) if not mb.padding]
 
 
 class Trainer:
@@ -137,6 +144,14 @@ class Trainer:
         mine = split_round_robin(indices, self.dp, self.dp_rank)
         local = [samples[i] for i in mine]
         multiple = sequence_multiple(self.tp, self.cfg.parallel.sequence_parallel, self.cfg.model.fp8 is not None)
+        if not local and indices:
+            # Fewer responses than DP ranks in this mini-batch (e.g. DAPO left one small group at the end): this rank
+            # still runs one micro-batch, one masked-out row (no token trained on), so it takes part in the
+            # collectives of the others' passes (DDP's gradient all-reduce, the all-reduces of the statistics).
+            mb = collate([dataclasses.replace(samples[indices[0]], trainable=False)], [0], self.image_token_id,
+                         self.merge, pad_to_multiple_of=multiple)
+            mb.padding = True
+            return [mb]
         split = prompt_grouped_micro_batches if self.policy.share_prompts else length_bucketed_micro_batches
         return [collate(samples, [mine[j] for j in part], self.image_token_id, self.merge, pad_to_multiple_of=multiple)
                 for part in split(local, self.cfg.trainer.micro_batch_size)]
@@ -148,7 +163,7 @@ class Trainer:
         algo = self.cfg.algorithm
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
         if algo.dapo.overlong_buffer > 0:
-            lengths = torch.tensor([len(s.response_ids) for s in samples])
+            lengths = torch.tensor([s.trained_tokens for s in samples])
             rewards = rewards + overlong_soft_penalty(lengths, self.cfg.rollout.max_new_tokens,
                                                       algo.dapo.overlong_buffer, algo.dapo.overlong_penalty_factor)
         groups = torch.tensor([s.group for s in samples])
@@ -207,7 +222,7 @@ class Trainer:
             view = "text_only"
         scored = [self.policy.score(mbs, view=view) for mbs in micro]
         t_score = time.perf_counter() - t0
-        flat = [so for part in scored for so in part]
+        flat = real_outputs(micro, scored)
         token_adv, stats, seq_adv = self._advantages(samples, flat)
         every = cfg.logging.samples_every
         if every and (self.step + 1) % every == 0:
@@ -218,16 +233,22 @@ class Trainer:
                      if getattr(loss_fn, "second_view", None) else {})
         ref_logp = {}
         if cfg.algorithm.kl.coef > 0:  # the frozen reference's log-probs of the same tokens (image rows)
-            ref_logp = {i: so.logp[row] for mbs in micro for so in self.policy.score(mbs, reference=True)
-                        for row, i in enumerate(so.indices)}
+            reference = real_outputs(micro, [self.policy.score(mbs, reference=True) for mbs in micro])
+            ref_logp = {i: so.logp[row] for so in reference for row, i in enumerate(so.indices)}
         entropy_sum = sum(float(so.entropy.sum()) for so in flat)
         t1 = time.perf_counter()
         updates: List[Dict[str, float]] = []
         for _ in range(cfg.trainer.ppo_epochs):
             for mini, mbs in zip(minis, micro):
-                usable = [i for i in mini if not (cfg.algorithm.dapo.overlong_filter and samples[i].truncated)]
+                usable = [i for i in mini if samples[i].trainable
+                          and not (cfg.algorithm.dapo.overlong_filter and samples[i].truncated)]
                 extras = []
                 for mb in mbs:
+                    if mb.padding:  # a masked-out row (see _micro_batches): every input the loss reads, all 0
+                        zeros = torch.zeros(mb.input_ids.shape)
+                        keys = ["old_logp", "advantages"] + ["ref_logp"] * bool(ref_logp) + ["view_logp"] * bool(view_logp)
+                        extras.append(dict.fromkeys(keys, zeros) if self.is_last_stage else {})
+                        continue
                     if cfg.algorithm.dapo.overlong_filter:
                         for row, i in enumerate(mb.indices):
                             if samples[i].truncated:
@@ -242,12 +263,12 @@ class Trainer:
                             extras[-1]["view_logp"] = torch.stack([view_logp[i][:width] for i in mb.indices])
                     else:
                         extras.append({})
-                n_tokens = float(sum(len(samples[i].response_ids) for i in usable))
+                n_tokens = float(sum(samples[i].trained_tokens for i in usable))
                 updates.append(self.policy.update(mbs, extras, max(n_tokens, 1.0), float(max(len(usable), 1))))
         t_update = time.perf_counter() - t1
         if view is None:  # no second view ran: there is no visual dependency to report
             stats = {k: v for k, v in stats.items() if not k.startswith("vd/")}
-        n_tok = max(sum(len(s.response_ids) for s in samples), 1)
+        n_tok = max(sum(s.trained_tokens for s in samples), 1)
         summary = torch.tensor([entropy_sum] + [sum(u.get(k, 0.0) for u in updates) for k in
                                                 ("actor/loss", "actor/clip_fraction", "actor/approx_kl",
                                                  "actor/kl_ref", "actor/perception_kl")],

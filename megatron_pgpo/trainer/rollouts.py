@@ -111,27 +111,29 @@ class Rollouts:
         return SamplingConfig(n=n or r.n, temperature=r.temperature, top_p=r.top_p,
                               top_k=r.top_k if r.top_k > 0 else 0, max_tokens=r.max_new_tokens, seed=seed)
 
-    def generate(self, dataset, indices: List[int], sampling) -> List[Sample]:
+    def generate(self, dataset, indices: List[int], sampling, group_base: int = 0) -> List[Sample]:
         """Sample and score this replica's share of ``indices``, then all-gather: every rank gets all Samples, in
-        the order of ``indices`` (a prompt's samples in the engine's order)."""
+        the order of ``indices`` (a prompt's samples in the engine's order). The responses to ``indices[j]`` form
+        group ``group_base + j``: a prompt drawn twice (a refill across an epoch boundary) makes two groups."""
         records = self._generate_records(dataset, indices, sampling, score=True)
-        return [self._sample(dataset, rec) for rec in records]
+        return [self._sample(dataset, rec, group_base + rec["draw"]) for rec in records]
 
     def _generate_records(self, dataset, indices: List[int], sampling, score: bool) -> List[dict]:
         """This replica's share of ``indices`` sampled (with ``score``: rewarded, with token ids and log-probs) by its
-        engine owner, then all-gathered: every rank gets every record, in the order of ``indices``."""
+        engine owner, then all-gathered: every rank gets every record, in the order of ``indices``. A record's
+        ``draw`` is its position in ``indices``, ``prompt_index`` the dataset index there."""
         from ..rollout.engine import RolloutRequest
 
-        mine = split_round_robin(indices, self.dp, self.dp_rank)
+        mine = split_round_robin(list(enumerate(indices)), self.dp, self.dp_rank)  # (draw, dataset index)
         local: List[dict] = []
         error: Optional[str] = None
         skipped = 0
         try:
             if self.owner and mine:
-                fits = [i for i in mine if self._fits(dataset[i])]
+                fits = [d for d in mine if self._fits(dataset[d[1]])]
                 skipped, mine = len(mine) - len(fits), fits
             if self.owner and mine:
-                examples = [dataset[i] for i in mine]
+                examples = [dataset[i] for _, i in mine]
                 outputs = self.engine.generate(
                     [RolloutRequest(messages_for(e.question, self.cfg.data.prompt_template), e.image)
                      for e in examples], sampling)
@@ -139,7 +141,8 @@ class Rollouts:
                                                   [examples[o.request_index].answer for o in outputs]) if score \
                     else [None] * len(outputs)
                 for o, res in zip(outputs, results):
-                    record = dict(prompt_index=mine[o.request_index], text=o.text, finish_reason=o.finish_reason)
+                    draw, index = mine[o.request_index]
+                    record = dict(draw=draw, prompt_index=index, text=o.text, finish_reason=o.finish_reason)
                     if res is not None:  # what training needs; evaluation gathers the text only
                         record.update(prompt_ids=o.prompt_token_ids, response_ids=o.response_token_ids,
                                       logprobs=o.logprobs, truncated=o.finish_reason == "length", reward=res.score,
@@ -153,9 +156,8 @@ class Rollouts:
         if errors:
             raise RuntimeError("rollout failed: " + "; ".join(errors))
         self.skipped_long_prompts += sum(n for _, _, n in gathered)
-        order = {index: position for position, index in enumerate(indices)}
         return sorted((r for part, _, _ in gathered if part for r in part),
-                      key=lambda r: order[r["prompt_index"]])  # stable: sample order kept
+                      key=lambda r: r["draw"])  # stable: sample order kept
 
     def _fits(self, example) -> bool:
         """Whether the example's prompt leaves room for ``rollout.max_new_tokens`` in the engine."""
@@ -166,7 +168,11 @@ class Rollouts:
                     "response)", length, self.cfg.data.max_prompt_length, self.max_model_len)
         return False
 
-    def _sample(self, dataset, rec: dict) -> Sample:
+    def _sample(self, dataset, rec: dict, group: int) -> Sample:
+        """A record as a training ``Sample`` of ``group``. An empty response (nothing generated, e.g. a stop string
+        at once) keeps its reward in the group's statistics but has no token to train on: one placeholder token
+        gives its row a shape, and ``trainable=False`` keeps it out of the response mask (counted as
+        ``response/empty``)."""
         example = dataset[rec["prompt_index"]]
         pixels, grid = self.images((id(dataset), rec["prompt_index"]), example.image)
         masked = None if self.mask_ratio is None else self._masked_pixels(rec["prompt_index"], pixels)
@@ -174,9 +180,11 @@ class Rollouts:
         if n_slots != self.images.num_tokens(grid):
             raise RuntimeError(f"the engine's prompt has {n_slots} image tokens but the image processor gives "
                                f"{self.images.num_tokens(grid)}: engine and trainer preprocess images differently")
+        empty = not rec["response_ids"]
         return Sample(prompt_ids=list(rec["prompt_ids"]), response_ids=list(rec["response_ids"]) or [0],
-                      reward=rec["reward"], group=rec["prompt_index"], truncated=rec["truncated"],
-                      rollout_logprobs=rec["logprobs"], pixel_values=pixels, image_grid_thw=grid,
+                      reward=rec["reward"], group=group, truncated=rec["truncated"], trainable=not empty,
+                      rollout_logprobs=None if empty else rec["logprobs"], pixel_values=pixels,
+                      image_grid_thw=grid,
                       answer=example.answer, extra={**{k: rec[k] for k in ("accuracy", "format", "text")},
                                                     "question": getattr(example, "question", None)},
                       masked_pixel_values=masked)
@@ -206,13 +214,15 @@ class Rollouts:
         everything: List[Sample] = []
         stats = {"sampling/rounds": 0.0, "sampling/dropped_groups": 0.0}
         skipped_before = self.skipped_long_prompts
+        drawn = 0  # prompts drawn so far this step: group ids are draw positions, unique within the step
         for round_ in range(dapo.max_sampling_rounds if dapo.dynamic_sampling else 1):
             need = cfg.data.rollout_batch_size - len({s.group for s in kept})
             if need <= 0:
                 break
             indices = stream.take(need)
             samples = self.generate(dataset, indices, self.sampling(seed=cfg.trainer.seed * 7919 + step * 131
-                                                                    + round_))
+                                                                    + round_), group_base=drawn)
+            drawn += len(indices)
             everything += samples
             stats["sampling/rounds"] += 1
             if dapo.dynamic_sampling:
@@ -315,7 +325,8 @@ def reward_stats(samples: List[Sample], stats: Dict[str, float]) -> Dict[str, fl
         "reward/mean": sum(s.reward for s in samples) / n,
         "reward/accuracy": sum(s.extra["accuracy"] for s in samples) / n,
         "reward/format": sum(s.extra["format"] for s in samples) / n,
-        "response/length_mean": sum(len(s.response_ids) for s in samples) / n,
+        "response/length_mean": sum(s.trained_tokens for s in samples) / n,
+        "response/empty": float(sum(not s.trainable for s in samples)),
         "response/clip_ratio": sum(s.truncated for s in samples) / n,
     })
     return stats

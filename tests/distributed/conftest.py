@@ -38,6 +38,16 @@ def workers():
     pool.shutdown()
 
 
+@pytest.fixture(scope="session")
+def single_worker():
+    """A one-process pool (world size 1): the single-process side of a comparison with ``workers`` (e.g. a
+    checkpoint resumed at DP=1, or a batch split over DP=2 against the same batch on one rank)."""
+    pool = WorkerPool(world_size=1)
+    _pools.append(pool)
+    yield pool
+    pool.shutdown()
+
+
 @pytest.hookimpl(trylast=True)  # after pytest's own teardown, so module fixtures (engines) are finalised first
 def pytest_runtest_teardown(item, nextitem):
     if nextitem is None or _HERE not in Path(str(nextitem.path)).resolve().parents:

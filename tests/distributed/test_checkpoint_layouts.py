@@ -79,16 +79,10 @@ def hf_checkpoint(tmp_path_factory):
     return str(save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_layouts"), "tiny", seed=0))
 
 
-def test_a_dp2_checkpoint_resumes_at_dp1_with_its_adam_state(workers, hf_checkpoint, tmp_path):
-    from harness import WorkerPool
-
+def test_a_dp2_checkpoint_resumes_at_dp1_with_its_adam_state(workers, single_worker, hf_checkpoint, tmp_path):
     continued = workers.run(_save_then_continue, hf_checkpoint, str(tmp_path), tp=1)[0]  # 2 ranks: DP=2
-    single = WorkerPool(world_size=1)
-    try:
-        state, layout, resumed = single.run(_resume_then_update, hf_checkpoint, str(tmp_path), False)[0]
-        _, _, without = single.run(_resume_then_update, hf_checkpoint, str(tmp_path), True)[0]
-    finally:
-        single.shutdown()
+    state, layout, resumed = single_worker.run(_resume_then_update, hf_checkpoint, str(tmp_path), False)[0]
+    _, _, without = single_worker.run(_resume_then_update, hf_checkpoint, str(tmp_path), True)[0]
     assert state == {"step": 1, "stream_position": 6}
     assert layout == {"world": 2, "tp": 1, "pp": 1, "dp": 2, "distributed_optimizer": True}
 
