@@ -135,7 +135,7 @@ class RolloutEngine(abc.ABC):
     @property
     @abc.abstractmethod
     def weight_version(self) -> int:
-        """Complete weight updates applied since start (0: the checkpoint the engine started from)."""
+        """Complete weight updates applied to this engine, restarts included (0: the checkpoint it started from)."""
 
     def sleep(self) -> None:
         """Release accelerator memory (weights and KV cache) until ``wake``; no-op where unsupported."""
@@ -181,7 +181,12 @@ class VersionedEngine(RolloutEngine):
         return self._version
 
     def restart(self) -> None:
-        """Fresh engine from its checkpoint (weight version 0): the way back from a failed update."""
+        """Fresh engine from its checkpoint: the way back from a failed update or a dead engine process.
+
+        ``weight_version`` keeps counting across restarts (versions are never reused), and an engine that had
+        taken updates comes back unusable: it holds the checkpoint's weights again, not those of its version, so
+        only the next complete ``update_weights`` (the trainer's sync) makes it sample again. An engine that never
+        took an update is usable at once (version 0 is the checkpoint)."""
         self.shutdown()
         self.start()
 

@@ -140,7 +140,7 @@ class TransformersEngine(VersionedEngine):
         gen_eos = self.model.generation_config.eos_token_id
         eos += gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
         self._eos = sorted({int(e) for e in eos if e is not None})
-        self._version, self._usable = 0, True
+        self._usable = self._version == 0  # see VersionedEngine.restart
 
     def shutdown(self) -> None:
         self.model, self.processor, self._params = None, None, {}

@@ -223,7 +223,7 @@ class VLLMEngine(VersionedEngine):
             torch.set_num_threads = set_threads
             torch.set_num_threads(threads)
             gc.unfreeze()
-        self._version, self._usable, self.needs_restart, self._asleep = 0, True, False, frozenset()
+        self._usable, self.needs_restart, self._asleep = self._version == 0, False, frozenset()  # see restart()
 
     def shutdown(self) -> None:
         llm, self.llm = self.llm, None

@@ -84,3 +84,20 @@ def test_weight_update_is_a_transaction(engine):
     assert [o.response_token_ids for o in engine.generate(_requests(), greedy)] == before
     with pytest.raises(WeightUpdateError, match="does not have"):
         engine.update_weights([("model.layers.99.mlp.up_proj.weight", named[0][1])])
+
+
+def test_a_restarted_engine_keeps_its_version_and_waits_for_the_next_update(engine):
+    """Before: a restart reset ``weight_version`` to 0 and the engine sampled the checkpoint's weights at once, so
+    a rollout after an engine restart looked like one from the start of training."""
+    from megatron_pgpo.models.qwen2_5_vl.hf_io import HFCheckpointReader
+    from megatron_pgpo.rollout.engine import EngineUnusable, SamplingConfig
+
+    with HFCheckpointReader(engine.config.model_path) as reader:
+        named = [(n, reader.tensor(n)) for n in reader.names()]
+    version = engine.update_weights(named)
+    assert version >= 1 and engine.usable
+    engine.restart()
+    assert engine.weight_version == version and not engine.usable
+    with pytest.raises(EngineUnusable):
+        engine.generate(_requests(), SamplingConfig(temperature=0.0, max_tokens=4))
+    assert engine.update_weights(named) == version + 1 and engine.usable
