@@ -9,13 +9,14 @@ process that reaches it. The faults are the real events, caused where they would
 ``nan_grad``     every gradient of the step's first update is NaN (as after an overflow): the update is skipped
 ``kill_in_save`` rank 0 SIGKILLs itself after the model/optimizer files are written, before the checkpoint is
                  complete (the launcher then stops the other ranks)
-``reward_hang``  the first response of the step makes its reward worker hang (past ``reward.timeout_s``)
-``reward_crash`` the first response of the step kills its reward worker process
-``engine_kill``  the engine owners SIGKILL their vLLM engine's process tree just before the step's rollout
+``reward_hang``  the first response of the step makes its reward worker process hang (past
+                 ``reward.timeout_s``; needs ``reward.num_workers`` > 0)
+``reward_crash`` the first response of the step kills its reward worker process (twice: the sample is retried once)
+``engine_kill``  the engine owners SIGKILL their vLLM engine-core processes just before the step's rollout
 ==============  ===========================================================================================
 
 Steps reach this module through ``set_step`` (the training loop calls it at the start of every step); the reward
-faults reach the verifier's worker processes as a marker in the response text they are sent.
+faults reach the verifier's worker processes as a marker in the answer they are sent.
 """
 from __future__ import annotations
 
@@ -69,36 +70,20 @@ def fires(name: str) -> bool:
 
 
 def reward_fault_text(text: str) -> str:
-    """``text`` with the marker of a planned reward fault of this step prepended (else unchanged)."""
+    """``text`` ending in a boxed answer that carries the marker of a planned reward fault of this step (else
+    unchanged): the answer no cheap rule decides, so it goes to a verifier worker process, which acts on it."""
     for name in ("reward_hang", "reward_crash"):
         if fires(name):
-            return REWARD_MARKER + name + text
+            return text + " \\boxed{" + REWARD_MARKER + name + "}"
     return text
 
 
-def act_on_reward_marker(text: str) -> None:
-    """In a reward worker process: hang or die when ``text`` carries a fault marker."""
-    if not text.startswith(REWARD_MARKER):
+def act_on_reward_marker(answer: str) -> None:
+    """In a reward worker process (never in the trainer's): hang or die when ``answer`` carries a fault marker."""
+    if not answer.startswith(REWARD_MARKER):
         return
-    if text[len(REWARD_MARKER):].startswith("reward_hang"):
+    if answer[len(REWARD_MARKER):].startswith("reward_hang"):
         import time
 
         time.sleep(3600)
     os._exit(17)
-
-
-def kill_process_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and its descendants (an engine with its workers), children first."""
-    import signal
-
-    import psutil
-
-    try:
-        parent = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return
-    for proc in parent.children(recursive=True) + [parent]:
-        try:
-            proc.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass

@@ -120,8 +120,17 @@ class TrainerConfig(Section):
     """Where checkpoints, metrics.jsonl, TensorBoard logs and exports go."""
     eval_every: int = 50
     """Evaluation (the ``eval`` section) every this many steps (0: only at the end)."""
+    max_consecutive_skipped_updates: int = 10
+    """An update whose loss or gradient is not finite is skipped (weights unchanged) and counted
+    (actor/skipped_updates); after this many in a row the run saves a checkpoint and stops with an error (0: never
+    stops)."""
+    max_rollout_retries: int = 2
+    """A rollout that fails (e.g. the vLLM engine process died) is retried this many times per step, each after
+    rebuilding the engines and loading the current weights into them; then the run saves and stops (0: no retry)."""
 
     def validate(self) -> None:
+        for name in ("max_consecutive_skipped_updates", "max_rollout_retries"):
+            require_positive(f"trainer.{name}", getattr(self, name), allow_zero=True)
         for name in ("total_steps", "global_batch_size", "micro_batch_size", "ppo_epochs"):
             require_positive(f"trainer.{name}", getattr(self, name))
         require_positive("trainer.lr", self.lr)

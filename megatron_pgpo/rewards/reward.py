@@ -29,6 +29,12 @@ class RewardResult:
     format: float  # 1.0 if <think>...</think> then a box, else 0.0
     timed_out: bool  # verification hit the time limit (accuracy is then 0.0)
     answer: str | None  # the extracted final answer, None if the response has no box
+    error: str | None = None  # verification failed otherwise (its worker died, or it raised): accuracy 0.0
+
+    @property
+    def failed(self) -> bool:
+        """The answer could not be judged (timed out or errored) and scored 0 for that reason."""
+        return self.timed_out or self.error is not None
 
 
 def _check_weights(accuracy_weight: float, format_weight: float) -> None:
@@ -63,6 +69,7 @@ def _result(
         format=fmt,
         timed_out=outcome.timed_out,
         answer=answer,
+        error=outcome.error,
     )
 
 

@@ -27,6 +27,7 @@ from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
+from ..faults import act_on_reward_marker
 from .answer import canonical_text, normalize_choice, normalize_number
 
 DEFAULT_TIMEOUT_S = 2.0
@@ -109,6 +110,7 @@ def _worker_main(conn) -> None:
         if msg is None:
             return
         index, pred, gold, timeout_s = msg
+        act_on_reward_marker(pred)  # fault injection (faults.py): hang or die on its marker, else nothing
         try:
             out = match_outcome(pred, gold, timeout_s)
         except BaseException as exc:  # noqa: BLE001 - only our own SystemExit-like surprises land here

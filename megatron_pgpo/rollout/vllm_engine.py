@@ -36,10 +36,12 @@ every start).
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import shutil
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,7 +229,7 @@ class VLLMEngine(VersionedEngine):
 
     def shutdown(self) -> None:
         llm, self.llm = self.llm, None
-        self._usable = False
+        self._usable, self._asleep = False, frozenset()  # (a restart starts awake)
         if llm is None:
             return
         try:
@@ -242,6 +244,12 @@ class VLLMEngine(VersionedEngine):
 
     def _handle(self):
         return self.llm
+
+    def engine_pids(self) -> List[int]:
+        """Process ids of the engine-core processes vLLM started (empty in-process or when not started)."""
+        manager = getattr(getattr(getattr(getattr(self.llm, "llm_engine", None), "engine_core", None), "resources",
+                                  None), "engine_manager", None)
+        return [proc.pid for proc in getattr(manager, "processes", []) if proc.pid is not None]
 
     def sleep(self) -> None:
         """Free weights and KV cache on the GPU (``enable_sleep_mode``, ``sleep_level``); a no-op on the CPU, where
@@ -286,7 +294,8 @@ class VLLMEngine(VersionedEngine):
                 n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=max(sampling.top_k, 0),
                 max_tokens=sampling.max_tokens, seed=seed, logprobs=0, stop_token_ids=list(sampling.stop_token_ids),
             ))
-        results = self.llm.generate(inputs, params, use_tqdm=False)
+        with self._fail_if_engine_dies():
+            results = self.llm.generate(inputs, params, use_tqdm=False)
         outputs = []
         for i, result in enumerate(results):
             for j, completion in enumerate(result.outputs):
@@ -301,6 +310,37 @@ class VLLMEngine(VersionedEngine):
                     finish_reason=completion.finish_reason or "length", weight_version=self._version,
                 ))
         return outputs
+
+    @contextlib.contextmanager
+    def _fail_if_engine_dies(self, poll_s: float = 0.5):
+        """Turn the death of the engine-core process into an exception in the ``generate`` that waits for it.
+
+        vLLM's client notices the death (its monitor thread marks the engine dead and shuts the client down), but a
+        ``generate`` already waiting for outputs waits forever: the output thread exits without a word (measured:
+        an engine SIGKILLed before a rollout hung the step). Meanwhile a watchdog thread puts an error into the
+        queue that the wait reads, so the wait raises and the trainer can rebuild the engine (``discard_engines``)."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        resources, outputs = getattr(core, "resources", None), getattr(core, "outputs_queue", None)
+        if resources is None or outputs is None:  # in-process engine: a death is this process's
+            yield
+            return
+        if resources.engine_dead:
+            raise EngineUnusable("the vLLM engine process died")
+        done = threading.Event()
+
+        def watch():
+            while not done.wait(poll_s):
+                if resources.engine_dead:
+                    outputs.put_nowait(EngineUnusable("the vLLM engine process died during generation"))
+                    return
+
+        watchdog = threading.Thread(target=watch, name="pgpo-engine-watchdog", daemon=True)
+        watchdog.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watchdog.join()
 
     # ------------------------------------------------------------------------------------------ weight update
     def _rpc(self, method: str, *args: Any) -> List[Any]:

@@ -33,6 +33,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from .. import faults
+
 log = logging.getLogger(__name__)
 
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -158,6 +160,11 @@ def save_training_state(policy, directory: Path, trainer_state: Dict[str, Any]) 
     collectives.barrier()
     _init_fresh_adam_state(policy.optimizer)
     dist_checkpointing.save(sharded_state(policy, is_loading=False), str(target))
+    if dist.get_rank() == 0 and faults.fires("kill_in_save"):  # fault injection (faults.py): a crash mid-save
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
     steps = _adam_steps(policy.optimizer)
     if dist.get_rank() == 0:
         write_export_metadata(policy, target)

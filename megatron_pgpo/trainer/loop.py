@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .. import faults
 from ..algorithms import ADVANTAGE_SHAPERS, POLICY_LOSSES, group_normalized_advantages, second_view
 from ..algorithms.dapo import overlong_soft_penalty
 from ..config import Config, to_dict
@@ -358,27 +359,17 @@ class Trainer:
         try:
             while self.step < cfg.trainer.total_steps:
                 t0 = time.perf_counter()
-                position = self.stream.position
-                try:
-                    with offloaded(self.policy.model, self.policy.optimizer, cfg.trainer.offload_during_rollout):
-                        samples, stats = self.rollouts.batch(self.dataset, self.stream, self.step)
-                except Exception:
-                    # Slurm signals every process of the job step, the vLLM engine's too: a rollout that failed
-                    # after a preemption signal is dropped (nothing of this step was applied) and the last complete
-                    # step is saved. Without a signal the failure is real.
-                    if not self._agree_stop(preempt.requested is not None):
-                        raise
-                    log.warning("rollout of step %d failed after a preemption signal (the signal reaches the "
-                                "engine's processes too): dropped it", self.step + 1)
-                    self.stream.position = position
-                    if self._saved_step != self.step:
-                        self.save()
+                faults.set_step(self.step + 1)
+                rollout = self._rollout(preempt)
+                if rollout is None:  # failed after a preemption signal: saved the last complete step
                     self.preempted = True
                     log.warning("preemption signal received: saved step %d, exiting", self.step)
                     break
+                samples, stats = rollout
                 stats["time/rollout"] = time.perf_counter() - t0
                 if samples:
                     stats.update(self._train_on(samples))
+                    stats["actor/skipped_in_row"] = float(self.policy.skipped_in_row)
                 # Agreed before the sync: after a signal the engine is not needed (and may be gone).
                 stop = self._agree_stop(preempt.requested is not None)
                 if samples and not stop:
@@ -399,6 +390,7 @@ class Trainer:
                 last = stats
                 if (cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0) or stop:
                     self.save()
+                self._check_skipped_updates()
                 if stop:
                     self.preempted = self.step < cfg.trainer.total_steps  # (a signal in the last step: done)
                     log.warning("preemption signal received: saved step %d, exiting", self.step)
@@ -412,6 +404,52 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.close()
         return last
+
+    def _rollout(self, preempt) -> Optional[Tuple[List[Sample], Dict[str, float]]]:
+        """The step's rollout batch; a failed rollout is retried after rebuilding the engines with the current
+        weights, ``trainer.max_rollout_retries`` times, then the run saves and stops. None: it failed after a
+        preemption signal (Slurm signals the engine's processes too), the step is dropped and the last complete
+        one saved."""
+        cfg = self.cfg
+        position = self.stream.position
+        for attempt in range(cfg.trainer.max_rollout_retries + 1):
+            try:
+                with offloaded(self.policy.model, self.policy.optimizer, cfg.trainer.offload_during_rollout):
+                    samples, stats = self.rollouts.batch(self.dataset, self.stream, self.step)
+                stats["rollout/retries"] = float(attempt)
+                return samples, stats
+            except Exception as exc:  # every rank raises it (the rollout gathers its errors)
+                self.stream.position = position  # nothing of the failed attempt is kept
+                if self._agree_stop(preempt.requested is not None):
+                    log.warning("rollout of step %d failed after a preemption signal (the signal reaches the "
+                                "engine's processes too): dropped it", self.step + 1)
+                    if self._saved_step != self.step:
+                        self.save()
+                    return None
+                if attempt == cfg.trainer.max_rollout_retries:
+                    if self._saved_step != self.step:
+                        self.save()
+                    raise RuntimeError(f"the rollout of step {self.step + 1} failed {attempt + 1} time(s), the "
+                                       f"last time with: {exc}. Saved step {self.step} (rerun the command to resume; "
+                                       "trainer.max_rollout_retries sets the retries)") from exc
+                log.warning("rollout of step %d failed (%s): rebuilding the engines with the current weights, "
+                            "retry %d of %d", self.step + 1, exc, attempt + 1, cfg.trainer.max_rollout_retries)
+                self.rollouts.discard_engines()
+                self._sync()  # starts the engines again and loads this step's weights into them
+        raise AssertionError("unreachable")
+
+    def _check_skipped_updates(self) -> None:
+        """After ``trainer.max_consecutive_skipped_updates`` updates in a row with a non-finite loss or gradient:
+        save the step (its metrics are logged; the weights are those of the last finite update) and stop."""
+        limit = self.cfg.trainer.max_consecutive_skipped_updates
+        if not limit or self.policy.skipped_in_row < limit:
+            return
+        path = self.save() if self._saved_step != self.step else None
+        raise RuntimeError(f"{self.policy.skipped_in_row} updates in a row had a non-finite loss or gradient norm "
+                           f"(NaN/inf) and were skipped; saved step {self.step}{f' to {path}' if path else ''} and "
+                           "stopped (trainer.max_consecutive_skipped_updates). Usual causes: a learning rate too "
+                           "high for the model, fp16 overflow (use bf16), or bad data; rerunning resumes after "
+                           "this step.")
 
     def _agree_stop(self, local: bool) -> bool:
         return collectives.any_rank(local)

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .. import faults
 from ..algorithms import POLICY_LOSSES
 from ..algorithms.visual_dependency import k3_divergence
 from ..parallel.vocab_parallel import vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_logprobs
@@ -257,6 +258,7 @@ class MegatronPolicy:
         self.width_multiple = sequence_multiple(ps.get_tensor_model_parallel_world_size(),
                                                 self.tf_config.sequence_parallel, bool(self.tf_config.fp8))
         self.device = next(model.parameters()).device
+        self.skipped_in_row = 0  # updates skipped in a row for a non-finite loss or gradient
 
     @property
     def module(self):
@@ -328,6 +330,10 @@ class MegatronPolicy:
         loss_func = partial(update_loss_func, vocab_size=self.vocab_size, loss_name=algo.loss,
                             loss_kwargs=loss_kwargs, scale=scale, temperature=self.cfg.rollout.temperature)
         reported = self._run(micro_batches, extras, "update", loss_func, False)
+        if faults.fires("nan_grad"):  # fault injection (faults.py): as after an overflow in the backward pass
+            for param in self.model.parameters():
+                if getattr(param, "main_grad", None) is not None:
+                    param.main_grad.fill_(float("nan"))
         # Megatron's step() clips with the global norm before it looks at it: a non-finite gradient would make the
         # clip coefficient, then every weight, NaN. So: prepare, check the norm, and only then clip and step.
         found_inf = self.optimizer.prepare_grads()
@@ -338,6 +344,7 @@ class MegatronPolicy:
                 self.optimizer.clip_grad_norm(self.cfg.trainer.grad_clip)
             update_ok = bool(self.optimizer.step_with_ready_grads())
         self.optimizer.zero_grad()
+        self.skipped_in_row = 0 if update_ok else self.skipped_in_row + 1  # the same on every rank (global norm)
         stats = {"actor/grad_norm": grad_norm, "actor/skipped_updates": 0.0 if update_ok else 1.0}
         if reported:
             tokens = sum(float(r["tokens"]) for r in reported)

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .. import faults
 from ..algorithms import dapo_keep_groups
 from ..config import Config
 from ..parallel import collectives
@@ -137,16 +138,18 @@ class Rollouts:
                 outputs = self.engine.generate(
                     [RolloutRequest(messages_for(e.question, self.cfg.data.prompt_template), e.image)
                      for e in examples], sampling)
-                results = self.scorer.score_batch([o.text for o in outputs],
-                                                  [examples[o.request_index].answer for o in outputs]) if score \
-                    else [None] * len(outputs)
+                texts = [o.text for o in outputs]
+                if score and texts:
+                    texts[0] = faults.reward_fault_text(texts[0])  # faults.py; unchanged unless injected
+                results = self.scorer.score_batch(texts, [examples[o.request_index].answer for o in outputs]) \
+                    if score else [None] * len(outputs)
                 for o, res in zip(outputs, results):
                     draw, index = mine[o.request_index]
                     record = dict(draw=draw, prompt_index=index, text=o.text, finish_reason=o.finish_reason)
                     if res is not None:  # what training needs; evaluation gathers the text only
                         record.update(prompt_ids=o.prompt_token_ids, response_ids=o.response_token_ids,
                                       logprobs=o.logprobs, truncated=o.finish_reason == "length", reward=res.score,
-                                      accuracy=res.accuracy, format=res.format)
+                                      accuracy=res.accuracy, format=res.format, verify_failed=res.failed)
                     local.append(record)
         except Exception as exc:  # noqa: BLE001 - every rank must learn of it, not wait in the gather below
             log.exception("rollout failed on rank %d", self.rank)
@@ -185,7 +188,7 @@ class Rollouts:
                       reward=rec["reward"], group=group, truncated=rec["truncated"], trainable=not empty,
                       rollout_logprobs=None if empty else rec["logprobs"], pixel_values=pixels,
                       image_grid_thw=grid,
-                      answer=example.answer, extra={**{k: rec[k] for k in ("accuracy", "format", "text")},
+                      answer=example.answer, extra={**{k: rec[k] for k in ("accuracy", "format", "text", "verify_failed")},
                                                     "question": getattr(example, "question", None)},
                       masked_pixel_values=masked)
 
@@ -215,6 +218,7 @@ class Rollouts:
         stats = {"sampling/rounds": 0.0, "sampling/dropped_groups": 0.0}
         skipped_before = self.skipped_long_prompts
         drawn = 0  # prompts drawn so far this step: group ids are draw positions, unique within the step
+        self._inject_engine_fault()
         for round_ in range(dapo.max_sampling_rounds if dapo.dynamic_sampling else 1):
             need = cfg.data.rollout_batch_size - len({s.group for s in kept})
             if need <= 0:
@@ -235,6 +239,25 @@ class Rollouts:
         if self.engine is not None and kept:  # with nothing to train on there is no sync either: stay awake
             self.engine.sleep()  # training has the GPU until the next sync (rollout.sleep_mode; no-op elsewhere)
         return kept, reward_stats(everything, stats)  # kept may be empty: every group was uniform
+
+    def discard_engines(self) -> None:
+        """Shut this replica's engine down (best effort: it may be dead) so that the next ``sync`` starts a fresh
+        one and loads the current weights into it (``weight_sync``: an engine that is not started is started)."""
+        if self.engine is not None:
+            try:
+                self.engine.shutdown()
+            except Exception as exc:  # noqa: BLE001 - a dead engine may fail to shut down cleanly
+                log.warning("shutting the failed engine down raised %r", exc)
+
+    def _inject_engine_fault(self) -> None:
+        """``faults.py``'s ``engine_kill``: SIGKILL this replica's engine processes, as an OOM killer would."""
+        import os
+        import signal
+
+        if self.engine is not None and faults.fires("engine_kill"):
+            for pid in getattr(self.engine, "engine_pids", lambda: [])():
+                log.warning("fault injection: killing engine process %d", pid)
+                os.kill(pid, signal.SIGKILL)
 
     def evaluate(self, benchmarks) -> Dict[str, float]:
         """``eval.*`` over ``{name: [Problem]}`` with every replica's engine sampling its share (the same protocol
@@ -327,6 +350,8 @@ def reward_stats(samples: List[Sample], stats: Dict[str, float]) -> Dict[str, fl
         "reward/format": sum(s.extra["format"] for s in samples) / n,
         "response/length_mean": sum(s.trained_tokens for s in samples) / n,
         "response/empty": float(sum(not s.trainable for s in samples)),
+        # answers the verifier could not judge (timed out, or its worker died): scored 0, counted here
+        "reward/verify_failed": float(sum(bool(s.extra.get("verify_failed")) for s in samples)),
         "response/clip_ratio": sum(s.truncated for s in samples) / n,
     })
     return stats

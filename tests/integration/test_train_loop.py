@@ -194,3 +194,48 @@ def test_papo_loss_with_vppo_advantages_runs_the_masked_image_view(tmp_path, dem
         assert r["actor/skipped_updates"] == 0.0 and r["actor/perception_kl"] >= 0.0
         assert r["check/group_adv_sum_max"] < 1e-5 and r["check/rollout_logp_diff_max"] < 5e-4, r
         assert r["vd/score_mean"] > 0.0  # the masked view's dependency (k3), reported like PGPO's
+
+
+def test_injected_faults_lose_nothing(tmp_path, demo_checkpoint):
+    """Three launches of one run through the CLI, with faults injected (megatron_pgpo/faults.py) where they happen:
+
+    1. a reward worker dies in step 1 (that sample scores 0, counted); the vLLM engine process is SIGKILLed before
+       step 2's rollout (rebuilt with the current weights, the step retried) and a reward worker hangs in the retry;
+       step 3's first update has NaN gradients (skipped, counted) and, with
+       ``trainer.max_consecutive_skipped_updates=1``, the run saves step 3 and stops with an error;
+    2. resumed: rank 0 is SIGKILLed in the middle of step 4's checkpoint;
+    3. resumed from step 3 (the partial step-4 checkpoint never used, then removed): it finishes.
+
+    Every step's metrics appear exactly once."""
+    run_dir = tmp_path / "run"
+    common = ("trainer.global_batch_size=4", "checkpoint.export_hf=false")
+
+    def launch(faults, *extra):
+        env = {**os.environ, "MEGATRON_PGPO_FAULTS": faults}
+        return subprocess.run(_train_cmd(run_dir, demo_checkpoint, 4, *common, *extra), cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=900)
+
+    first = launch("reward_crash@1,engine_kill@2,reward_hang@2,nan_grad@3",
+                   "trainer.max_consecutive_skipped_updates=1")
+    assert first.returncode != 0
+    assert "rebuilding the engines with the current weights, retry 1 of 2" in first.stderr, first.stderr[-3000:]
+    assert "1 updates in a row had a non-finite loss" in first.stderr and "saved step 3" in first.stderr
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_00000003"
+
+    second = launch("kill_in_save@4")
+    assert second.returncode != 0 and (checkpoints / "latest").read_text() == "step_00000003"
+    assert (checkpoints / "step_00000004.tmp").is_dir()  # the partial save, left where it died
+
+    third = launch("")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert (checkpoints / "latest").read_text() == "step_00000004"
+    assert not list(checkpoints.glob("*.tmp*"))
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    by_step = {r["step"]: r for r in records}
+    assert by_step[1]["reward/verify_failed"] >= 1 and by_step[1]["rollout/retries"] == 0
+    assert by_step[2]["rollout/retries"] == 1 and by_step[2]["reward/verify_failed"] >= 1
+    assert by_step[3]["actor/skipped_updates"] == 1 and by_step[3]["actor/skipped_in_row"] == 1
+    assert by_step[4]["actor/skipped_updates"] == 0 and by_step[4]["reward/verify_failed"] == 0
+    _assert_plumbing(by_step[2])  # the rebuilt engine samples with the trained weights (vLLM log-probs match)
