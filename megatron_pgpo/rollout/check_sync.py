@@ -9,8 +9,10 @@
    (``weight_sync.sync_weights``);
 4. exports the same Megatron weights to an HF checkpoint through the converter path (``mapping.to_hf`` via
    ``loading.gather_hf_tensors``, ``weight_sync.save_hf_checkpoint``);
-5. compares vLLM's fp32 greedy output with transformers ``generate`` on that export, for a prompt with a synthetic
-   image: PASS, or FAIL with the first differing position. Exit code 0 / 1.
+5. compares vLLM's fp32 greedy output with transformers ``generate`` on that export (plain greedy on both sides:
+   the checkpoint's generation_config.json gives EOS only), for a prompt with a synthetic image: PASS, FAIL with the
+   first differing position, or INCONCLUSIVE when the identical responses are shorter than ``--min-tokens``. Exit
+   code 0 / 1 / 2.
 
 The checkpoint dir needs a tokenizer, chat template and ``preprocessor_config.json``
 (``models.qwen2_5_vl.tiny_tokenizer.save_tiny_processor`` adds them to a tiny checkpoint). The helpers here
@@ -91,22 +93,29 @@ def perturb_model_(model, seed: int, scale: float = 0.1, transformer_impl: str =
 
 
 def hf_greedy(hf_path: str, prompt: str, image, max_tokens: int) -> List[int]:
-    """transformers fp32 greedy ``generate`` on ``hf_path`` (eager attention): the response token ids."""
+    """transformers fp32 greedy ``generate`` on ``hf_path`` (eager attention): the response token ids.
+
+    Plain greedy decoding, as the engine runs it (``generation_config="vllm"``): the checkpoint's
+    ``generation_config.json`` gives only the EOS ids. Its sampling settings would otherwise apply here and not in
+    the engine (Qwen2.5-VL-Instruct ships ``repetition_penalty`` 1.05), and the two could differ on a real
+    checkpoint for a reason that is not the weights. (Replacing the model's generation config, not passing one:
+    ``generate`` fills a passed config's default-valued fields from the model's.)
+    """
     import torch
 
     from ..compat.torchvision_ops import ensure_torchvision_importable
 
     ensure_torchvision_importable()
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoProcessor, GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
     processor = AutoProcessor.from_pretrained(hf_path)
     inputs = processor(text=[prompt], images=[image] if image is not None else None, return_tensors="pt")
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_path, dtype=torch.float32,
                                                                attn_implementation="eager").eval()
     eos = model.generation_config.eos_token_id
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos if isinstance(eos, int) else None)
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos,
-                             pad_token_id=eos if isinstance(eos, int) else None)
+        out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
@@ -226,16 +235,26 @@ def run_check(args: argparse.Namespace) -> int:
     if result is None or any(p.exitcode for p in procs):
         print(f"check-sync: FAIL (a rank exited with {[p.exitcode for p in procs]})")
         return 1
-    diff = first_difference(result["vllm"], result["hf"])
     print(f"check-sync TP={args.tp} PP={args.pp}: synced weight version {result['version']} in {result['sync_s']:.2f} s (vLLM start included); "
           f"export {result['export']}")
     print(f"  vLLM        : {result['vllm']}")
     print(f"  transformers: {result['hf']}")
-    if diff is None:
-        print(f"check-sync: PASS ({len(result['vllm'])} greedy fp32 tokens identical)")
-        return 0
-    print(f"check-sync: FAIL (first difference at response position {diff})")
-    return 1
+    code, message = verdict(result["vllm"], result["hf"], args.min_tokens)
+    print(f"check-sync: {message}")
+    return code
+
+
+def verdict(engine_ids: Sequence[int], reference_ids: Sequence[int], min_tokens: int) -> Tuple[int, str]:
+    """``(exit code, message)``: 0 PASS when both greedy responses are identical and at least ``min_tokens`` long,
+    1 FAIL at the first difference, 2 INCONCLUSIVE when they agree on fewer tokens (a response that ends at once,
+    e.g. with EOS, proves nothing about the weights)."""
+    diff = first_difference(engine_ids, reference_ids)
+    if diff is not None:
+        return 1, f"FAIL (first difference at response position {diff})"
+    if len(engine_ids) < min_tokens:
+        return 2, (f"INCONCLUSIVE (the greedy responses agree but end after {len(engine_ids)} token(s), fewer than "
+                   f"--min-tokens {min_tokens}: try another --seed or a larger --scale)")
+    return 0, f"PASS ({len(engine_ids)} greedy fp32 tokens identical)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -245,6 +264,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1, help="seed of the weight perturbation and the test image")
     parser.add_argument("--scale", type=float, default=0.1, help="perturbation std on matrices (half on vectors)")
     parser.add_argument("--max-tokens", type=int, default=16, help="greedy tokens to compare")
+    parser.add_argument("--min-tokens", type=int, default=4, help="fewer identical tokens than this (the response "
+                        "ended early, e.g. with EOS) is INCONCLUSIVE (exit code 2), not PASS")
     parser.add_argument("--bucket-mb", type=float, default=512, help="weight sync bucket size in MiB (fractions ok)")
     parser.add_argument("--run-dir", default=None, help="vLLM caches and the HF export go here (default: a temp dir)")
 

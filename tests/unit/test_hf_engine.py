@@ -101,3 +101,50 @@ def test_a_restarted_engine_keeps_its_version_and_waits_for_the_next_update(engi
     with pytest.raises(EngineUnusable):
         engine.generate(_requests(), SamplingConfig(temperature=0.0, max_tokens=4))
     assert engine.update_weights(named) == version + 1 and engine.usable
+
+
+def test_check_sync_verdicts():
+    """Before: PASS after comparing a single token (a response that starts with EOS proves nothing)."""
+    from megatron_pgpo.rollout.check_sync import verdict
+
+    assert verdict([5, 6, 7, 2], [5, 6, 7, 2], 4)[0] == 0
+    assert verdict([5, 6, 8, 2], [5, 6, 7, 2], 4) == (1, "FAIL (first difference at response position 2)")
+    code, message = verdict([2], [2], 4)
+    assert code == 2 and "INCONCLUSIVE" in message and "1 token(s)" in message
+
+
+def test_check_sync_reference_decodes_plain_greedy_whatever_the_generation_config(engine, tmp_path):
+    """The checkpoint's generation_config.json (Qwen2.5-VL-Instruct ships repetition_penalty 1.05; here 10, and
+    sampling on) must not change the reference: it equals an argmax loop over full forwards, as vLLM runs it."""
+    import json
+    import shutil
+
+    from megatron_pgpo.rollout.check_sync import hf_greedy, image_messages, synthetic_image
+    from megatron_pgpo.rollout.engine import RolloutRequest
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(engine.config.model_path, ckpt)
+    config = json.loads((ckpt / "generation_config.json").read_text()) if (ckpt / "generation_config.json").exists() \
+        else {}
+    config.update(repetition_penalty=10.0, do_sample=True, temperature=0.7, top_k=5)
+    (ckpt / "generation_config.json").write_text(json.dumps(config))
+    request = RolloutRequest(image_messages("What is in the image ?"), synthetic_image(0, (100, 80)))
+    prompt = engine.prompt_text(request)
+    got = hf_greedy(str(ckpt), prompt, request.image, 8)
+    inputs = engine.processor(text=[prompt], images=[request.image], return_tensors="pt")
+    ids, tokens = inputs["input_ids"], []
+    eos = engine.model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    for _ in range(8):  # the reference: argmax of a full forward per token
+        extra = torch.zeros(1, ids.shape[1] - inputs["input_ids"].shape[1], dtype=inputs["mm_token_type_ids"].dtype)
+        with torch.no_grad():
+            logits = engine.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                                  mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], extra], dim=1)).logits
+        token = int(logits[0, -1].argmax())
+        tokens.append(token)
+        if token in eos:
+            break
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    assert got == tokens
+    assert len(set(tokens)) < len(tokens)  # it repeats tokens: a repetition penalty of 10 would have changed it
