@@ -85,6 +85,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as exc:
         raise SystemExit(f"resume error: {exc}") from None
     summary = launch(cfg, nproc=args.nproc)
+    if summary.get("skipped_rows"):  # the end-of-run summary of unusable training rows (also warned at load)
+        counts = summary["skipped_rows"]
+        print(f"skipped {sum(counts.values())} unusable training rows: "
+              + ", ".join(f"{n} with {reason}" for reason, n in counts.items()), file=sys.stderr)
     if summary.get("preempted") and os.environ.get("PGPO_PREEMPTED_EXIT_CODE"):
         # Stopped early on a signal after saving: a non-zero status makes nemo-run's sbatch script requeue the job.
         return int(os.environ["PGPO_PREEMPTED_EXIT_CODE"])

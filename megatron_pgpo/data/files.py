@@ -9,13 +9,16 @@ geo3k      problem     answer    images (a list; EasyR1's layout)
 
 ``layout="auto"`` picks by column names. Images may be ``datasets.Image`` values (struct of bytes/path, how they
 round-trip through parquet), raw bytes, or paths (relative to the data file). Rows that cannot be used — a
-missing or corrupt image, an empty question or answer, a prompt over the length limit — are skipped and counted
-per reason, and each reason is logged once; a file with no usable row is an error at start-up.
+missing or corrupt image, an image over ``MAX_SOURCE_PIXELS`` (a decompression bomb, or a scan that would take
+gigabytes to decode), an empty question or answer, a .jsonl line that is not UTF-8 or not JSON, a prompt over the
+length limit — are skipped and counted per reason, and each reason is logged once; a file with no usable row is
+an error at start-up.
 """
 from __future__ import annotations
 
 import io
 import logging
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,15 @@ LAYOUTS: Dict[str, Tuple[str, str, str]] = {
 
 class DataError(ValueError):
     """The data files cannot be used at all; the message says why."""
+
+
+#: Source images with more pixels are skipped before decoding (PIL's own decompression-bomb threshold, ~89.5 M
+#: pixels: ~270 MB decoded; the model sees at most ``data.max_pixels`` after downscaling anyway).
+MAX_SOURCE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+class ImageTooLarge(ValueError):
+    """A source image over ``MAX_SOURCE_PIXELS``."""
 
 
 @dataclass
@@ -94,16 +106,21 @@ def decode_image(value: Any, base_dir: Path) -> Image.Image:
         if len(value) != 1:
             raise ValueError(f"expected exactly one image, got {len(value)}")
         value = value[0]
-    if isinstance(value, Image.Image):
-        img = value
-    elif isinstance(value, dict) and (value.get("bytes") or value.get("path")):
-        img = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(base_dir / value["path"])
-    elif isinstance(value, (bytes, bytearray)):
-        img = Image.open(io.BytesIO(value))
-    elif isinstance(value, str) and value:
-        img = Image.open(base_dir / value)
-    else:
-        raise ValueError("no image")
+    with warnings.catch_warnings():  # PIL warns about large images at open: MAX_SOURCE_PIXELS decides below
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if isinstance(value, Image.Image):
+            img = value
+        elif isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+            img = (Image.open(io.BytesIO(value["bytes"])) if value.get("bytes")
+                   else Image.open(base_dir / value["path"]))
+        elif isinstance(value, (bytes, bytearray)):
+            img = Image.open(io.BytesIO(value))
+        elif isinstance(value, str) and value:
+            img = Image.open(base_dir / value)
+        else:
+            raise ValueError("no image")
+    if img.width * img.height > MAX_SOURCE_PIXELS:  # the header is read, nothing decoded yet
+        raise ImageTooLarge(f"{img.width}x{img.height}")
     img.load()  # decode now, so a corrupt file is caught here and not mid-step
     return img.convert("RGB")
 
@@ -162,11 +179,17 @@ def load_examples(path: str, layout: str = "auto", prompt_length: Optional[Calla
     import datasets
 
     builder, files = data_files(path)
-    ds = datasets.load_dataset(builder, data_files=files, split="train")
+    skipped, examples = SkipCounter(), []
+    if all(f.endswith(".jsonl") for f in files):  # line by line: one bad line is one skipped row, not a failed load
+        rows = json_lines(files, skipped)
+        if not rows:
+            raise DataError(f"{path}: no usable row ({_reasons(skipped)})")
+        ds = datasets.Dataset.from_list(rows)
+    else:
+        ds = datasets.load_dataset(builder, data_files=files, split="train")
     q_col, a_col, img_col = detect_layout(ds.column_names, layout)
     ds = _without_image_decoding(ds, img_col)
     base_dir = Path(files[0]).parent
-    skipped, examples = SkipCounter(), []
     for i, row in enumerate(ds):
         where = f"{Path(path).name} row {i}"
         question, answer = str(row.get(q_col) or "").strip(), str(row.get(a_col) or "").strip()
@@ -178,6 +201,9 @@ def load_examples(path: str, layout: str = "auto", prompt_length: Optional[Calla
             continue
         try:
             image = decode_image(row.get(img_col), base_dir)
+        except (ImageTooLarge, Image.DecompressionBombError):
+            skipped.skip(f"an image over {MAX_SOURCE_PIXELS} pixels", where)
+            continue
         except Exception as exc:  # corrupt bytes, missing file, several images
             skipped.skip(f"a missing or unreadable image ({type(exc).__name__})", where)
             continue
@@ -191,6 +217,36 @@ def load_examples(path: str, layout: str = "auto", prompt_length: Optional[Calla
         if limit is not None and len(examples) >= limit:
             break
     if not examples:
-        reasons = ", ".join(f"{n} with {r}" for r, n in skipped.counts.items()) or "the file is empty"
-        raise DataError(f"{path}: no usable row ({reasons})")
+        raise DataError(f"{path}: no usable row ({_reasons(skipped)})")
     return examples, skipped
+
+
+def _reasons(skipped: SkipCounter) -> str:
+    return ", ".join(f"{n} with {r}" for r, n in skipped.counts.items()) or "the file is empty"
+
+
+def json_lines(files: List[str], skipped: SkipCounter) -> List[dict]:
+    """The JSON objects of .jsonl ``files``; a line that is not UTF-8, not JSON or not an object is skipped and
+    counted (blank lines are ignored)."""
+    import json
+
+    rows = []
+    for name in files:
+        with open(name, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                where = f"{Path(name).name} line {number}"
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    skipped.skip("text that is not UTF-8", where)
+                    continue
+                except ValueError:
+                    skipped.skip("a line that is not JSON", where)
+                    continue
+                if not isinstance(row, dict):
+                    skipped.skip("a line that is not a JSON object", where)
+                    continue
+                rows.append(row)
+    return rows

@@ -29,12 +29,13 @@ def free_port() -> int:
 
 
 def datasets_for(cfg: Config):
-    """(train, val) datasets: the built-in synthetic task, or local files."""
+    """(train, val, skipped): the built-in synthetic task, or local files with ``{reason: rows}`` skipped from the
+    training files (``data/files.py``; logged per reason, reported in the run's summary)."""
     if cfg.data.train_path is None:
         from ..data.synthetic import SyntheticTask
 
         return (SyntheticTask(cfg.data.task, cfg.data.num_train_examples, cfg.trainer.seed, "train"),
-                SyntheticTask(cfg.data.task, cfg.data.num_val_examples, cfg.trainer.seed, "val"))
+                SyntheticTask(cfg.data.task, cfg.data.num_val_examples, cfg.trainer.seed, "val"), {})
     from ..data.files import load_examples
 
     from .prompts import PromptLength
@@ -46,7 +47,7 @@ def datasets_for(cfg: Config):
     if skipped.total:
         log.warning("skipped %d training rows: %s", skipped.total, dict(skipped.counts))
     val = load_examples(cfg.data.val_path, cfg.data.layout, **limits)[0] if cfg.data.val_path else None
-    return train, val
+    return train, val, dict(skipped.counts)
 
 
 def check_supported(cfg: Config) -> None:
@@ -162,7 +163,7 @@ def rank_main(rank: int, cfg: Config, world_size: int, master_port: int, result_
 
     device = init_rank(cfg, rank, world_size, "127.0.0.1", master_port, local_rank=rank, local_world_size=world_size,
                        shared_visible=True)
-    train, val = datasets_for(cfg)
+    train, val, skipped = datasets_for(cfg)
     trainer = Trainer(cfg, train, val, device=device)
     try:
         before = trainer.evaluate().get("eval/accuracy") if trainer.step == 0 and cfg.trainer.eval_every else None
@@ -176,7 +177,8 @@ def rank_main(rank: int, cfg: Config, world_size: int, master_port: int, result_
             export = trainer.export_hf(trainer.run_dir / "hf")
         if rank == 0 and result_queue is not None:
             result_queue.put({"accuracy_before": before, "accuracy_after": after, "last": last,
-                              "export": str(export) if export else None, "step": trainer.step})
+                              "export": str(export) if export else None, "step": trainer.step,
+                              "skipped_rows": skipped})
     finally:
         trainer.close()
         collectives.barrier()
@@ -225,7 +227,7 @@ def launch(cfg: Config, nproc: Optional[int] = None) -> dict:
 
         device = init_rank(cfg, rank, world, os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", "29500")),
                            local_rank_from_env(default=rank), local_world_size_from_env())
-        train, val = datasets_for(cfg)
+        train, val, skipped = datasets_for(cfg)
         trainer = Trainer(cfg, train, val, device=device)
         try:
             trainer.run()
@@ -237,7 +239,9 @@ def launch(cfg: Config, nproc: Optional[int] = None) -> dict:
         if status_file and rank == 0:
             with open(status_file, "w") as f:
                 f.write(f"{'preempted' if trainer.preempted else 'finished'} {trainer.step}\n")
-        return {"preempted": trainer.preempted, "step": trainer.step}
+        if skipped and rank == 0:
+            log.warning("this run skipped %d training rows: %s", sum(skipped.values()), skipped)
+        return {"preempted": trainer.preempted, "step": trainer.step, "skipped_rows": skipped}
     import torch.multiprocessing as mp
 
     world = nproc or cfg.parallel.model_parallel_size

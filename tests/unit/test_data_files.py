@@ -95,3 +95,26 @@ def test_prompt_length_counts_what_the_processor_and_chat_template_give(tmp_path
         grid = processor(images=[example.image], return_tensors="pt")["image_grid_thw"]
         expected = len(tokenizer(text, add_special_tokens=False)["input_ids"]) - 1 + int(grid.prod()) // 4
         assert count(example) == expected, size
+
+
+def test_non_utf8_lines_bad_json_and_huge_images_are_skipped_and_counted(tmp_path):
+    """One bad line no longer fails the whole .jsonl load; a 100-megapixel image is refused from its header,
+    before ~300 MB of decoding."""
+    from megatron_pgpo.data.files import MAX_SOURCE_PIXELS
+
+    (tmp_path / "a.png").write_bytes(_png((0, 255, 0)))
+    Image.new("1", (10_000, 10_000)).save(tmp_path / "huge.png")  # 1-bit: small to write, 1e8 pixels
+    assert 10_000 * 10_000 > MAX_SOURCE_PIXELS
+    good = json.dumps({"problem": "Find x.", "answer": "3", "images": ["a.png"]}).encode()
+    lines = [good, b'{"problem": "caf\xe9", "answer": "1", "images": ["a.png"]}', b"{not json", b"[1, 2]", b"",
+             json.dumps({"problem": "Big.", "answer": "2", "images": ["huge.png"]}).encode(), good]
+    path = tmp_path / "geo.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    examples, skipped = load_examples(str(path))
+    assert [e.answer for e in examples] == ["3", "3"]
+    assert dict(skipped.counts) == {"text that is not UTF-8": 1, "a line that is not JSON": 1,
+                                    "a line that is not a JSON object": 1,
+                                    f"an image over {MAX_SOURCE_PIXELS} pixels": 1}
+    path.write_bytes(lines[1] + b"\n" + lines[2] + b"\n")
+    with pytest.raises(DataError, match="no usable row .*1 with text that is not UTF-8, 1 with a line that is not"):
+        load_examples(str(path))
