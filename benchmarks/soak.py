@@ -28,17 +28,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FAULTS = ("nan_grad", "reward_hang", "reward_crash", "engine_kill", "kill_in_save")
+SAVE_EVERY = 5
 #: the tiny run the soak repeats (small batches: faults per minute, not learning, is the point)
 RUN = ["data.rollout_batch_size=4", "trainer.global_batch_size=2", "rollout.n=4", "rollout.max_new_tokens=12",
-       "trainer.micro_batch_size=4", "trainer.eval_every=0", "checkpoint.save_every=5", "reward.num_workers=1",
+       "trainer.micro_batch_size=4", "trainer.eval_every=0", f"checkpoint.save_every={SAVE_EVERY}",
+       "reward.num_workers=1",
        "algorithm.dapo.dynamic_sampling=false", "logging.tensorboard=false", "logging.console=false",
        "checkpoint.export_hf=false"]
 
 
 def fault_plan(steps: int, rate: float, seed: int) -> dict:
-    """``{step: fault}`` drawn with ``random.Random(seed)``."""
+    """``{step: fault}`` drawn with ``random.Random(seed)``; a ``kill_in_save`` moves to the next step that saves
+    (every ``SAVE_EVERY``), where it can fire."""
     rng = random.Random(seed)
-    return {step: rng.choice(FAULTS) for step in range(1, steps + 1) if rng.random() < rate}
+    plan = {}
+    for step in range(1, steps + 1):
+        if rng.random() < rate:
+            fault = rng.choice(FAULTS)
+            if fault == "kill_in_save":
+                step = min(steps, -(-step // SAVE_EVERY) * SAVE_EVERY)
+            plan.setdefault(step, fault)
+    return plan
 
 
 def logged_steps(run_dir: Path) -> list:

@@ -12,7 +12,6 @@ import datetime
 import logging
 import os
 import socket
-import sys
 from typing import Optional
 
 import torch

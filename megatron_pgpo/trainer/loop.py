@@ -247,7 +247,8 @@ class Trainer:
                 for mb in mbs:
                     if mb.padding:  # a masked-out row (see _micro_batches): every input the loss reads, all 0
                         zeros = torch.zeros(mb.input_ids.shape)
-                        keys = ["old_logp", "advantages"] + ["ref_logp"] * bool(ref_logp) + ["view_logp"] * bool(view_logp)
+                        keys = (["old_logp", "advantages"] + ["ref_logp"] * bool(ref_logp)
+                                + ["view_logp"] * bool(view_logp))
                         extras.append(dict.fromkeys(keys, zeros) if self.is_last_stage else {})
                         continue
                     if cfg.algorithm.dapo.overlong_filter:

@@ -187,8 +187,8 @@ class Rollouts:
         return Sample(prompt_ids=list(rec["prompt_ids"]), response_ids=list(rec["response_ids"]) or [0],
                       reward=rec["reward"], group=group, truncated=rec["truncated"], trainable=not empty,
                       rollout_logprobs=None if empty else rec["logprobs"], pixel_values=pixels,
-                      image_grid_thw=grid,
-                      answer=example.answer, extra={**{k: rec[k] for k in ("accuracy", "format", "text", "verify_failed")},
+                      image_grid_thw=grid, answer=example.answer,
+                      extra={**{k: rec[k] for k in ("accuracy", "format", "text", "verify_failed")},
                                                     "question": getattr(example, "question", None)},
                       masked_pixel_values=masked)
 

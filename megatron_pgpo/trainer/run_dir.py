@@ -12,8 +12,10 @@ A save writes into a temporary directory, records every file's size (and the CRC
 rewrites ``latest``; a crash at any point leaves the previous checkpoint loadable. ``resumable_checkpoint`` checks a
 checkpoint against its manifest before anything loads it, and falls back to the previous complete checkpoint, with
 a warning naming the damaged file, when the newest one was truncated or altered. (Tensor files above the limit are
-checked by size only: hashing a 72B run's terabyte of optimizer state would take longer than the save.) ``PreemptionHandler`` turns SIGTERM / SIGUSR1 (what Slurm sends
-before preemption with ``--signal``) into a flag the loop checks after each step, so it can save and exit cleanly.
+checked by size only: hashing a 72B run's terabyte of optimizer state would take longer than the save.)
+
+``PreemptionHandler`` turns SIGTERM / SIGUSR1 (what Slurm sends before preemption with ``--signal``) into a flag the
+loop checks after each step, so it can save and exit cleanly.
 """
 from __future__ import annotations
 

@@ -94,3 +94,26 @@ def test_a_dp2_checkpoint_resumes_at_dp1_with_its_adam_state(workers, single_wor
     # magnifies rounding where gradients are tiny); without the saved moments the same update is off by 1.7e-2.
     assert diff(resumed, continued) < 1e-5
     assert diff(without, continued) > 1e-3
+
+
+def _load_with_a_parameter_left_out(hf_path, ckpt_dir):
+    """The model asks the checkpoint for every parameter but one (as a sharded_state_dict that forgot one would):
+    the load must name it, not leave it at its initial value (before: ``strict=False`` and nothing checked)."""
+    from megatron_pgpo.trainer.checkpoint import load_training_state, save_training_state
+
+    policy = _policy(hf_path)
+    save_training_state(policy, ckpt_dir, {"step": 0, "stream_position": 0})
+    resumed = _policy(hf_path)
+    full = resumed.module.sharded_state_dict
+    left_out = sorted(full())[0]
+    resumed.module.sharded_state_dict = lambda *a, **k: {n: t for n, t in full(*a, **k).items() if n != left_out}
+    try:
+        load_training_state(resumed, ckpt_dir)
+    except RuntimeError as exc:
+        return left_out, str(exc)
+    return left_out, None
+
+
+def test_a_checkpoint_that_leaves_a_parameter_unloaded_is_an_error(single_worker, hf_checkpoint, tmp_path):
+    left_out, error = single_worker.run(_load_with_a_parameter_left_out, hf_checkpoint, str(tmp_path))[0]
+    assert error is not None and "does not match the model: missing" in error and left_out in error

@@ -113,7 +113,8 @@ def _refill_groups(hf_path, run_dir):
     from transformers import AutoConfig
 
     cfg = load_config(None, [f"model.hf_path={hf_path}", "rollout.engine=transformers", "rollout.n=2",
-                             "rollout.max_new_tokens=3", "data.rollout_batch_size=3", "trainer.global_batch_size=1", "trainer.micro_batch_size=2",
+                             "rollout.max_new_tokens=3", "data.rollout_batch_size=3", "trainer.global_batch_size=1",
+                             "trainer.micro_batch_size=2",
                              "reward.num_workers=1",
                              "algorithm.dapo.dynamic_sampling=false"])
     image_token_id = AutoConfig.from_pretrained(hf_path).image_token_id
