@@ -96,7 +96,7 @@ def main(argv=None) -> int:
             kills -= 1
         outcomes.append(proc.returncode)
         now = max(logged_steps(run_dir), default=0)
-        print(f"launch {launches}: from step {done} to {now}, exit {proc.returncode}", flush=True)
+        print(f"launch {launches}: steps logged {done} -> {now}, exit {proc.returncode}", flush=True)
         if proc.returncode == 0:
             break
     wall = time.perf_counter() - start
