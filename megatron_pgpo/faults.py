@@ -13,6 +13,7 @@ process that reaches it. The faults are the real events, caused where they would
                  ``reward.timeout_s``; needs ``reward.num_workers`` > 0)
 ``reward_crash`` the first response of the step kills its reward worker process (twice: the sample is retried once)
 ``engine_kill``  the engine owners SIGKILL their vLLM engine-core processes just before the step's rollout
+``engine_kill_sync`` the same just before the step's weight sync (the engine died after sampling)
 ==============  ===========================================================================================
 
 Steps reach this module through ``set_step`` (the training loop calls it at the start of every step); the reward
@@ -24,7 +25,7 @@ import os
 from typing import Dict, List
 
 ENV = "MEGATRON_PGPO_FAULTS"
-NAMES = ("nan_grad", "kill_in_save", "reward_hang", "reward_crash", "engine_kill")
+NAMES = ("nan_grad", "kill_in_save", "reward_hang", "reward_crash", "engine_kill", "engine_kill_sync")
 #: what a reward worker finds at the start of a response text when a reward fault fires (never produced by a model:
 #: it starts with a NUL character)
 REWARD_MARKER = "\x00megatron-pgpo-fault:"

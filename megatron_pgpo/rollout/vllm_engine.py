@@ -256,7 +256,8 @@ class VLLMEngine(VersionedEngine):
         vLLM has no sleep mode, and when already asleep."""
         if self.llm is None or not self.config.enable_sleep_mode or not torch.cuda.is_available() or self._asleep:
             return
-        self.llm.sleep(level=self.config.sleep_level)
+        with self._fail_if_engine_dies():
+            self.llm.sleep(level=self.config.sleep_level)
         self._asleep = frozenset(("weights", "kv_cache"))
         if self.config.sleep_level >= 2:
             self._usable = False  # the weights are gone: only a complete update makes the engine usable again
@@ -267,7 +268,8 @@ class VLLMEngine(VersionedEngine):
         wanted = self._asleep if tags is None else self._asleep & frozenset(tags)
         if not wanted:
             return
-        self.llm.wake_up(tags=sorted(wanted))
+        with self._fail_if_engine_dies():
+            self.llm.wake_up(tags=sorted(wanted))
         self._asleep = self._asleep - wanted
 
     # ------------------------------------------------------------------------------------------- generation
@@ -313,14 +315,17 @@ class VLLMEngine(VersionedEngine):
 
     @contextlib.contextmanager
     def _fail_if_engine_dies(self, poll_s: float = 0.5):
-        """Turn the death of the engine-core process into an exception in the ``generate`` that waits for it.
+        """Turn the death of the engine-core process into an exception in the call that waits for it.
 
         vLLM's client notices the death (its monitor thread marks the engine dead and shuts the client down), but a
-        ``generate`` already waiting for outputs waits forever: the output thread exits without a word (measured:
-        an engine SIGKILLed before a rollout hung the step). Meanwhile a watchdog thread puts an error into the
-        queue that the wait reads, so the wait raises and the trainer can rebuild the engine (``discard_engines``)."""
+        call already waiting waits forever: ``generate`` on its output queue (the output thread exits without a
+        word) and a utility call (``collective_rpc``, ``wake_up``, ``reset_prefix_cache``) on a future nobody
+        completes. Measured: an engine SIGKILLed before a rollout hung ``generate``, one SIGKILLed before a weight
+        sync hung the update's RPC. Meanwhile a watchdog thread puts an error into the output queue and into every
+        pending utility future, so the wait raises and the trainer can rebuild the engine (``discard_engines``)."""
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-        resources, outputs = getattr(core, "resources", None), getattr(core, "outputs_queue", None)
+        resources = getattr(core, "resources", None)
+        outputs, futures = getattr(core, "outputs_queue", None), getattr(core, "utility_results", None)
         if resources is None or outputs is None:  # in-process engine: a death is this process's
             yield
             return
@@ -331,7 +336,11 @@ class VLLMEngine(VersionedEngine):
         def watch():
             while not done.wait(poll_s):
                 if resources.engine_dead:
-                    outputs.put_nowait(EngineUnusable("the vLLM engine process died during generation"))
+                    error = EngineUnusable("the vLLM engine process died while this call waited for it")
+                    outputs.put_nowait(error)
+                    for future in list((futures or {}).values()):
+                        if not future.done():
+                            future.set_exception(error)
                     return
 
         watchdog = threading.Thread(target=watch, name="pgpo-engine-watchdog", daemon=True)
@@ -344,7 +353,8 @@ class VLLMEngine(VersionedEngine):
 
     # ------------------------------------------------------------------------------------------ weight update
     def _rpc(self, method: str, *args: Any) -> List[Any]:
-        return self.llm.collective_rpc(method, timeout=self.config.rpc_timeout_s, args=args)
+        with self._fail_if_engine_dies():
+            return self.llm.collective_rpc(method, timeout=self.config.rpc_timeout_s, args=args)
 
     def _encode(self, bucket: List[Tuple[str, torch.Tensor]]) -> Tuple[Any, Any]:
         """(payload for ``pgpo_load_bucket``, what must stay alive until its RPC returns)."""
@@ -389,8 +399,9 @@ class VLLMEngine(VersionedEngine):
             if unknown:
                 raise WeightUpdateError(f"tensors the model does not have: {sorted(unknown)[:3]}")
             self._rpc("pgpo_commit", version, sorted(self._expected))
-            self.llm.reset_prefix_cache()
-            self.llm.llm_engine.reset_encoder_cache()  # else stale vision features (and "Encoder cache miss")
+            with self._fail_if_engine_dies():
+                self.llm.reset_prefix_cache()
+                self.llm.llm_engine.reset_encoder_cache()  # else stale vision features ("Encoder cache miss")
         return self._version
 
     def worker_weight_state(self) -> List[Dict]:

@@ -376,10 +376,15 @@ class Trainer:
                 if samples and not stop:
                     try:
                         stats["time/sync"] = self._sync()
-                    except Exception:
-                        if not self._agree_stop(preempt.requested is not None):
-                            raise
-                        stop = True  # the signal came during the sync; the weights of this step are trained
+                    except Exception as exc:  # every rank raises it (sync_weights gathers its errors)
+                        if self._agree_stop(preempt.requested is not None):
+                            stop = True  # the signal came during the sync; the weights of this step are trained
+                        else:  # e.g. the engine died after sampling: rebuild it; a second failure ends the run
+                            log.warning("weight sync of step %d failed (%s): rebuilding the engines and syncing "
+                                        "again", self.step + 1, exc)
+                            self.rollouts.discard_engines()
+                            stats["time/sync"] = self._sync()
+                            stats["sync/retries"] = 1.0
                 self.policy.scheduler.step(1)  # the next step's learning rate (trainer/schedule.py)
                 self.step += 1
                 if cfg.trainer.eval_every and self.step % cfg.trainer.eval_every == 0 and not stop:

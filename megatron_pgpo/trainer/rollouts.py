@@ -249,12 +249,13 @@ class Rollouts:
             except Exception as exc:  # noqa: BLE001 - a dead engine may fail to shut down cleanly
                 log.warning("shutting the failed engine down raised %r", exc)
 
-    def _inject_engine_fault(self) -> None:
-        """``faults.py``'s ``engine_kill``: SIGKILL this replica's engine processes, as an OOM killer would."""
+    def _inject_engine_fault(self, name: str = "engine_kill") -> None:
+        """``faults.py``'s ``engine_kill`` / ``engine_kill_sync``: SIGKILL this replica's engine processes, as an OOM
+        killer would."""
         import os
         import signal
 
-        if self.engine is not None and faults.fires("engine_kill"):
+        if self.engine is not None and faults.fires(name):
             for pid in getattr(self.engine, "engine_pids", lambda: [])():
                 log.warning("fault injection: killing engine process %d", pid)
                 os.kill(pid, signal.SIGKILL)
@@ -304,6 +305,7 @@ class Rollouts:
         from ..rollout.weight_sync import sync_weights
 
         t0 = time.perf_counter()
+        self._inject_engine_fault("engine_kill_sync")
         if self.engine is not None:
             self.engine.wake(["weights"])  # the weights' memory first, the KV cache only once they are loaded
         sync_weights(module, self.engine, transformer_impl=transformer_impl)

@@ -199,8 +199,9 @@ def test_papo_loss_with_vppo_advantages_runs_the_masked_image_view(tmp_path, dem
 def test_injected_faults_lose_nothing(tmp_path, demo_checkpoint):
     """Three launches of one run through the CLI, with faults injected (megatron_pgpo/faults.py) where they happen:
 
-    1. a reward worker dies in step 1 (that sample scores 0, counted); the vLLM engine process is SIGKILLed before
-       step 2's rollout (rebuilt with the current weights, the step retried) and a reward worker hangs in the retry;
+    1. a reward worker dies in step 1 (that sample scores 0, counted) and the vLLM engine process is SIGKILLed before
+       step 1's weight sync (rebuilt, the sync repeated); the engine is SIGKILLed again before step 2's rollout
+       (rebuilt with the current weights, the step retried) and a reward worker hangs in the retry;
        step 3's first update has NaN gradients (skipped, counted) and, with
        ``trainer.max_consecutive_skipped_updates=1``, the run saves step 3 and stops with an error;
     2. resumed: rank 0 is SIGKILLed in the middle of step 4's checkpoint;
@@ -215,7 +216,7 @@ def test_injected_faults_lose_nothing(tmp_path, demo_checkpoint):
         return subprocess.run(_train_cmd(run_dir, demo_checkpoint, 4, *common, *extra), cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=900)
 
-    first = launch("reward_crash@1,engine_kill@2,reward_hang@2,nan_grad@3",
+    first = launch("reward_crash@1,engine_kill_sync@1,engine_kill@2,reward_hang@2,nan_grad@3",
                    "trainer.max_consecutive_skipped_updates=1")
     assert first.returncode != 0
     assert "rebuilding the engines with the current weights, retry 1 of 2" in first.stderr, first.stderr[-3000:]
@@ -235,6 +236,7 @@ def test_injected_faults_lose_nothing(tmp_path, demo_checkpoint):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     by_step = {r["step"]: r for r in records}
     assert by_step[1]["reward/verify_failed"] >= 1 and by_step[1]["rollout/retries"] == 0
+    assert by_step[1]["sync/retries"] == 1 and "sync/retries" not in by_step[2]
     assert by_step[2]["rollout/retries"] == 1 and by_step[2]["reward/verify_failed"] >= 1
     assert by_step[3]["actor/skipped_updates"] == 1 and by_step[3]["actor/skipped_in_row"] == 1
     assert by_step[4]["actor/skipped_updates"] == 0 and by_step[4]["reward/verify_failed"] == 0
