@@ -1,20 +1,20 @@
 """Fault injection for the fault tests and ``benchmarks/soak.py``: off unless ``MEGATRON_PGPO_FAULTS`` is set.
 
-    MEGATRON_PGPO_FAULTS="nan_grad@3,kill_in_save@4,reward_hang@2,reward_crash@5,engine_kill@6"
+    MEGATRON_PGPO_FAULTS="nan_grad@3,kill_in_save@4,reward_hang@2,reward_crash@5,engine_kill@6,engine_kill_sync@7"
 
 Each entry ``name@step`` fires at training step ``step`` (1-based: the step being trained, or saved), once per
 process that reaches it. The faults are the real events, caused where they would happen:
 
-==============  ===========================================================================================
-``nan_grad``     every gradient of the step's first update is NaN (as after an overflow): the update is skipped
-``kill_in_save`` rank 0 SIGKILLs itself after the model/optimizer files are written, before the checkpoint is
-                 complete (the launcher then stops the other ranks)
-``reward_hang``  the first response of the step makes its reward worker process hang (past
-                 ``reward.timeout_s``; needs ``reward.num_workers`` > 0)
-``reward_crash`` the first response of the step kills its reward worker process (twice: the sample is retried once)
-``engine_kill``  the engine owners SIGKILL their vLLM engine-core processes just before the step's rollout
-``engine_kill_sync`` the same just before the step's weight sync (the engine died after sampling)
-==============  ===========================================================================================
+====================  ===========================================================================================
+``nan_grad``          every gradient of the step's first update is NaN (as after an overflow): the update is skipped
+``kill_in_save``      rank 0 SIGKILLs itself after the model/optimizer files are written, before the checkpoint is
+                      complete (the launcher then stops the other ranks)
+``reward_hang``       the first response of the step makes its reward worker process hang (past
+                      ``reward.timeout_s``; needs ``reward.num_workers`` > 0)
+``reward_crash``      the first response of the step kills its reward worker process (twice: the sample is retried once)
+``engine_kill``       the engine owners SIGKILL their vLLM engine-core processes just before the step's rollout
+``engine_kill_sync``  the same just before the step's weight sync (the engine died after sampling)
+====================  ===========================================================================================
 
 Steps reach this module through ``set_step`` (the training loop calls it at the start of every step); the reward
 faults reach the verifier's worker processes as a marker in the answer they are sent.
