@@ -69,7 +69,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import ConfigError
-    from .trainer.launch import check_resumable, check_supported, launch
+    from .trainer.launch import ResumeError, check_supported, launch
 
     cfg = _load(args.config)
     try:
@@ -80,11 +80,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit("config error: model.hf_path is not set; point it at a Hugging Face Qwen2.5-VL checkpoint "
                          "directory (weights, tokenizer, preprocessor config), or use `megatron-pgpo demo` for the "
                          "built-in tiny model")
-    try:  # the checkpoint it would resume from, against this layout, before any process starts
-        check_resumable(cfg, int(os.environ.get("WORLD_SIZE", args.nproc or cfg.parallel.model_parallel_size)))
-    except (ValueError, RuntimeError) as exc:
+    try:  # launch checks the checkpoint it would resume from against this layout before any process starts
+        summary = launch(cfg, nproc=args.nproc)
+    except ResumeError as exc:
         raise SystemExit(f"resume error: {exc}") from None
-    summary = launch(cfg, nproc=args.nproc)
     if summary.get("skipped_rows"):  # the end-of-run summary of unusable training rows (also warned at load)
         counts = summary["skipped_rows"]
         print(f"skipped {sum(counts.values())} unusable training rows: "

@@ -72,26 +72,34 @@ def check_supported(cfg: Config) -> None:
             raise ConfigError(f"{exc} (model.hf_path={cfg.model.hf_path})") from None
 
 
+class ResumeError(ValueError):
+    """The run directory's checkpoints cannot be resumed by this run; the message says why and what to do."""
+
+
 def check_resumable(cfg: Config, world: int) -> None:
     """Before any process starts: the checkpoint the run would resume from (``run_dir.resumable_checkpoint``) can
     be resumed at this layout (``checkpoint.resume_layout_problem``).
 
     Raises:
-        ValueError: it cannot, saying why and what to do; RuntimeError: every checkpoint of the run is damaged.
+        ResumeError: it cannot (another TP/PP with the distributed optimizer, an unreadable trainer state), or
+            every checkpoint of the run is damaged.
     """
     if not cfg.checkpoint.resume:
         return
     from .checkpoint import read_trainer_state, resume_layout_problem
     from .run_dir import resumable_checkpoint
 
-    found = resumable_checkpoint(cfg.trainer.run_dir)
-    if found is None:
-        return
-    p = cfg.parallel
-    problem = resume_layout_problem(read_trainer_state(found).get("layout"), p.tensor_model_parallel_size,
-                                    p.pipeline_model_parallel_size, world)
+    try:
+        found = resumable_checkpoint(cfg.trainer.run_dir)
+        if found is None:
+            return
+        p = cfg.parallel
+        problem = resume_layout_problem(read_trainer_state(found).get("layout"), p.tensor_model_parallel_size,
+                                        p.pipeline_model_parallel_size, world)
+    except (ValueError, RuntimeError) as exc:
+        raise ResumeError(str(exc)) from None
     if problem:
-        raise ValueError(f"cannot resume {found}: {problem}")
+        raise ResumeError(f"cannot resume {found}: {problem}")
 
 
 def init_rank(cfg: Config, rank: int, world_size: int, master_addr: str, master_port: int,
@@ -142,13 +150,9 @@ def _terminate_with_parent() -> None:
     """Linux: deliver SIGTERM to this rank when the process that spawned it dies. Without it, killing the launcher
     (Ctrl-C twice, ``kill``) leaves the ranks and their vLLM engines running; with it they save a checkpoint and
     exit, as on a preemption signal."""
-    import ctypes
     import signal
 
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux/glibc: nothing to do
-        pass
+    _prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG (not Linux/glibc: nothing to do)
 
 
 def rank_main(rank: int, cfg: Config, world_size: int, master_port: int, result_queue=None) -> None:
@@ -266,6 +270,7 @@ RANK_GRACE_S = 5.0
 
 
 def _prctl(option: int, value: int) -> bool:
+    """Linux ``prctl(option, value)``; False where it failed or there is no glibc."""
     import ctypes
 
     try:
