@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import List
+from typing import List, Sequence
 
 import torch
 
@@ -24,14 +24,17 @@ import torch
 FORMAT_TOKENS = ("<think>", "</think>", "\\boxed{")
 
 
-def demo_words(task: str) -> List[str]:
-    """Vocabulary of the demo tokenizer: chat-template words, the task's questions and answers, the format."""
+def demo_words(task: str, extra_tasks: Sequence[str] = ()) -> List[str]:
+    """Vocabulary of the demo tokenizer: chat-template words, the task's questions and answers, the format; then
+    the words of ``extra_tasks`` (after the others, so ``task``'s ids do not depend on them)."""
     from ..data.synthetic import answer_vocabulary, question_vocabulary
     from ..models.qwen2_5_vl.tiny_tokenizer import DEFAULT_WORDS
     from ..trainer.prompts import INSTRUCTION
 
     words = list(DEFAULT_WORDS) + list(FORMAT_TOKENS) + ["the", "answer", "is", "i", "see"]
     words += question_vocabulary(task) + answer_vocabulary(task) + INSTRUCTION.replace("\\boxed{}", "").split()
+    for extra in extra_tasks:
+        words += question_vocabulary(extra) + answer_vocabulary(extra)
     seen, out = set(), []
     for w in words:
         if w not in seen and not any(c.isspace() for c in w):
@@ -40,8 +43,10 @@ def demo_words(task: str) -> List[str]:
     return out
 
 
-def build_demo_checkpoint(path: Path, task: str = "colour", preset: str = "tiny", seed: int = 0) -> Path:
-    """Tiny random weights + word-level tokenizer (format markers as whole tokens) + image processor config."""
+def build_demo_checkpoint(path: Path, task: str = "colour", preset: str = "tiny", seed: int = 0,
+                          extra_tasks: Sequence[str] = ()) -> Path:
+    """Tiny random weights + word-level tokenizer (format markers as whole tokens) + image processor config;
+    ``extra_tasks``' words are in the vocabulary too (``demo_words``)."""
     from tokenizers import AddedToken
 
     from ..models.qwen2_5_vl.tiny import save_tiny_checkpoint
@@ -49,15 +54,21 @@ def build_demo_checkpoint(path: Path, task: str = "colour", preset: str = "tiny"
 
     path = Path(path)
     save_tiny_checkpoint(path, preset, seed)
-    save_tiny_processor(path, demo_words(task))
-    tokenizer = build_tiny_tokenizer(demo_words(task))
+    words = demo_words(task, extra_tasks)
+    save_tiny_processor(path, words)
+    tokenizer = build_tiny_tokenizer(words)
     tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in FORMAT_TOKENS])
     assert len(tokenizer) == tokenizer.vocab_size, "format tokens must reuse vocabulary ids"
     tokenizer.save_pretrained(path)
     return path
 
 
-def _encode(tokenizer, processor, example, response: str, image_token_id: int):
+def format_response(answer: str) -> str:
+    """The warm-up's target response for ``answer``: the format the reward checks, in 9 tokens (10 with EOS)."""
+    return f"<think> the answer is {answer} </think> \\boxed{{{answer}}}"
+
+
+def encode_example(tokenizer, processor, example, response: str, image_token_id: int):
     """(input_ids [L], labels [L], pixel_values, grid) for one prompt + target response."""
     from ..trainer.prompts import messages_for
 
@@ -71,6 +82,24 @@ def _encode(tokenizer, processor, example, response: str, image_token_id: int):
     ids = prompt_ids + response_ids
     labels = [-100] * len(prompt_ids) + response_ids
     return ids, labels, image["pixel_values"], image["image_grid_thw"]
+
+
+def collate(encoded, pad_token_id: int, image_token_id: int):
+    """Right-padded model inputs for ``encode_example`` outputs: a dict of ``input_ids``, ``labels``,
+    ``mm_token_type_ids`` [B, L], ``pixel_values`` and ``image_grid_thw``, and the attention mask [B, L]."""
+    width = max(len(e[0]) for e in encoded)
+    ids = torch.full((len(encoded), width), pad_token_id)
+    labels = torch.full((len(encoded), width), -100)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    mm = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, (i, l, _, _) in enumerate(encoded):
+        ids[row, : len(i)] = torch.tensor(i)
+        labels[row, : len(l)] = torch.tensor(l)
+        attention[row, : len(i)] = 1
+    mm[ids == image_token_id] = 1
+    images = dict(input_ids=ids, labels=labels, mm_token_type_ids=mm, pixel_values=torch.cat([e[2] for e in encoded]),
+                  image_grid_thw=torch.cat([e[3] for e in encoded]))
+    return images, attention
 
 
 def warm_up(path: Path, task: str = "colour", steps: int = 250, batch_size: int = 16, lr: float = 1e-3,
@@ -107,23 +136,11 @@ def warm_up(path: Path, task: str = "colour", steps: int = 250, batch_size: int 
         encoded = []
         for ex in batch:
             guess = rng.choice(answers)
-            encoded.append(_encode(tokenizer, processor, ex, f"<think> the answer is {guess} </think> \\boxed{{{guess}}}",
-                                   image_token_id))
-        width = max(len(e[0]) for e in encoded)
-        ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
-        labels = torch.full((len(encoded), width), -100)
-        attention = torch.zeros((len(encoded), width), dtype=torch.long)
-        mm = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, (i, l, _, _) in enumerate(encoded):
-            ids[row, : len(i)] = torch.tensor(i)
-            labels[row, : len(l)] = torch.tensor(l)
-            attention[row, : len(i)] = 1
-        mm[ids == image_token_id] = 1
-        images = dict(input_ids=ids, labels=labels, mm_token_type_ids=mm, pixel_values=torch.cat([e[2] for e in encoded]),
-                      image_grid_thw=torch.cat([e[3] for e in encoded]))
+            encoded.append(encode_example(tokenizer, processor, ex, format_response(guess), image_token_id))
+        images, attention = collate(encoded, tokenizer.pad_token_id, image_token_id)
         loss = model(attention_mask=attention, **images).loss
         if visual_blind:
-            loss = 0.5 * (loss + model(**_visual_blind_inputs(images, attention, model.config)).loss)
+            loss = 0.5 * (loss + model(**visual_blind_inputs(images, attention, model.config)).loss)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -134,7 +151,7 @@ def warm_up(path: Path, task: str = "colour", steps: int = 250, batch_size: int 
     return {"loss": float(loss.detach()), "seconds": time.perf_counter() - start}
 
 
-def _visual_blind_inputs(images: dict, attention: torch.Tensor, config) -> dict:
+def visual_blind_inputs(images: dict, attention: torch.Tensor, config) -> dict:
     """The same batch for a forward in which no token attends to an image token, at the original (3-D) positions:
     a 4-D additive mask ``[B, 1, L, L]`` (causal, padding and image keys blocked) and ``position_ids [3, B, L]``."""
     from ..models.qwen2_5_vl.rope_index import get_rope_index

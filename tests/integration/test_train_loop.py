@@ -72,6 +72,10 @@ def test_train_tp2_sequence_parallel_then_export(reference_run, demo_checkpoint)
         assert r["vd/score_mean"] >= 0.0 and r["time/sync"] > 0
         _assert_plumbing(r)
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"
+    # tiny_cpu.yaml's ppo_epochs=2: two passes over the step's two mini-batches (4 prompts / global batch 2) are
+    # four optimizer steps per training step, and Adam counted every one of them.
+    state = json.loads((run_dir / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json").read_text())
+    assert t.ppo_epochs == 2 and set(state["adam_steps"]) == {STEPS * t.ppo_epochs * 2}, state
     # The HF export loads in transformers and has the trained (changed) weights.
     import torch
     from safetensors.torch import load_file

@@ -20,22 +20,15 @@ def _batch(path, n=3):
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from megatron_pgpo.data.synthetic import SyntheticTask
-    from megatron_pgpo.demo.tiny_model import _encode
+    from megatron_pgpo.demo.tiny_model import collate, encode_example
 
     tokenizer, processor = AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
     data, rng = SyntheticTask("colour", 8, seed=4, split="train"), random.Random(0)
     image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    encoded = [_encode(tokenizer, processor, data[i], "<think> the answer is red" + " red" * rng.randrange(4)
-                       + " </think> \\boxed{red}", image_token_id) for i in range(n)]
-    width = max(len(e[0]) for e in encoded)
-    ids = torch.full((n, width), tokenizer.pad_token_id)
-    labels = torch.full((n, width), -100)
-    attention = torch.zeros((n, width), dtype=torch.long)
-    for row, (i, l, _, _) in enumerate(encoded):
-        ids[row, : len(i)], labels[row, : len(l)], attention[row, : len(i)] = torch.tensor(i), torch.tensor(l), 1
+    encoded = [encode_example(tokenizer, processor, data[i], "<think> the answer is red" + " red" * rng.randrange(4)
+                              + " </think> \\boxed{red}", image_token_id) for i in range(n)]
+    images, attention = collate(encoded, tokenizer.pad_token_id, image_token_id)
     assert len({int(a.sum()) for a in attention}) > 1, "rows of equal length would not test the padding"
-    images = dict(input_ids=ids, labels=labels, mm_token_type_ids=(ids == image_token_id).long(),
-                  pixel_values=torch.cat([e[2] for e in encoded]), image_grid_thw=torch.cat([e[3] for e in encoded]))
     return images, attention
 
 
@@ -44,11 +37,11 @@ def test_visual_blind_forward_equals_the_sequence_without_its_image_tokens(demo)
     padding) removed, at the original 3-D positions and without pixels (docs/pgpo_spec.md section 1's two forms)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from megatron_pgpo.demo.tiny_model import _visual_blind_inputs
+    from megatron_pgpo.demo.tiny_model import visual_blind_inputs
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(demo, attn_implementation="eager").eval()
     images, attention = _batch(demo)
-    blind = _visual_blind_inputs(images, attention, model.config)
+    blind = visual_blind_inputs(images, attention, model.config)
     # The positions are transformers' own for the full sequence (the drop form below reuses them).
     hf_positions, _ = model.model.get_rope_index(images["input_ids"], images["mm_token_type_ids"],
                                                  images["image_grid_thw"], attention_mask=attention)
@@ -74,7 +67,7 @@ def test_a_short_warm_up_lowers_both_losses(demo, tmp_path):
 
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from megatron_pgpo.demo.tiny_model import _visual_blind_inputs, warm_up
+    from megatron_pgpo.demo.tiny_model import visual_blind_inputs, warm_up
 
     path = tmp_path / "hf"
     shutil.copytree(demo, path)
@@ -84,7 +77,7 @@ def test_a_short_warm_up_lowers_both_losses(demo, tmp_path):
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
         with torch.no_grad():
             return (float(model(attention_mask=attention, **images).loss),
-                    float(model(**_visual_blind_inputs(images, attention, model.config)).loss))
+                    float(model(**visual_blind_inputs(images, attention, model.config)).loss))
 
     before = losses()
     info = warm_up(path, steps=8, batch_size=4, seed=1, progress=False)
