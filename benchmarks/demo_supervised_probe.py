@@ -12,7 +12,8 @@ which is why the demo makes 8 updates per rollout batch (``trainer.ppo_epochs=2`
 
 ``--side-task`` mixes a perception task with *correct* answers into half of every warm-up batch (bars: which bar
 is taller; count: how many shapes of a named colour), the way a real VLM's vision tower comes pretrained; the
-probe then shows whether that shortens the colour task's start (measured: not consistently).
+probe then shows whether that shortens the colour task's start (measured, seeds 0-2: it did not; bars 80 / 100 /
+over 100 steps, count over 100 on all three, against 100 / 80 / 100 without).
 """
 from __future__ import annotations
 
