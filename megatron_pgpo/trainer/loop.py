@@ -369,8 +369,9 @@ class Trainer:
                 samples, stats = rollout
                 stats["time/rollout"] = time.perf_counter() - t0
                 if samples:
+                    self.policy.peak_skipped_in_row = self.policy.skipped_in_row  # the run carried into this step
                     stats.update(self._train_on(samples))
-                    stats["actor/skipped_in_row"] = float(self.policy.skipped_in_row)
+                    stats["actor/skipped_in_row"] = float(self.policy.peak_skipped_in_row)
                 # Agreed before the sync: after a signal the engine is not needed (and may be gone).
                 stop = self._agree_stop(preempt.requested is not None)
                 if samples and not stop:
@@ -448,10 +449,10 @@ class Trainer:
         """After ``trainer.max_consecutive_skipped_updates`` updates in a row with a non-finite loss or gradient:
         save the step (its metrics are logged; the weights are those of the last finite update) and stop."""
         limit = self.cfg.trainer.max_consecutive_skipped_updates
-        if not limit or self.policy.skipped_in_row < limit:
+        if not limit or self.policy.peak_skipped_in_row < limit:
             return
         path = self.save() if self._saved_step != self.step else None
-        raise RuntimeError(f"{self.policy.skipped_in_row} updates in a row had a non-finite loss or gradient norm "
+        raise RuntimeError(f"{self.policy.peak_skipped_in_row} updates in a row had a non-finite loss or gradient norm "
                            f"(NaN/inf) and were skipped; saved step {self.step}{f' to {path}' if path else ''} and "
                            "stopped (trainer.max_consecutive_skipped_updates). Usual causes: a learning rate too "
                            "high for the model, fp16 overflow (use bf16), or bad data; rerunning resumes after "

@@ -259,6 +259,9 @@ class MegatronPolicy:
                                                 self.tf_config.sequence_parallel, bool(self.tf_config.fp8))
         self.device = next(model.parameters()).device
         self.skipped_in_row = 0  # updates skipped in a row for a non-finite loss or gradient
+        # the longest such run since the step began (with several updates per step, a later finite update of
+        # the same step resets skipped_in_row; the limit applies to the run, not to where the step ends)
+        self.peak_skipped_in_row = 0
 
     @property
     def module(self):
@@ -345,6 +348,7 @@ class MegatronPolicy:
             update_ok = bool(self.optimizer.step_with_ready_grads())
         self.optimizer.zero_grad()
         self.skipped_in_row = 0 if update_ok else self.skipped_in_row + 1  # the same on every rank (global norm)
+        self.peak_skipped_in_row = max(self.peak_skipped_in_row, self.skipped_in_row)
         stats = {"actor/grad_norm": grad_norm, "actor/skipped_updates": 0.0 if update_ok else 1.0}
         if reported:
             tokens = sum(float(r["tokens"]) for r in reported)

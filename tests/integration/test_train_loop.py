@@ -207,7 +207,9 @@ def test_injected_faults_lose_nothing(tmp_path, demo_checkpoint):
        step 1's weight sync (rebuilt, the sync repeated); the engine is SIGKILLed again before step 2's rollout
        (rebuilt with the current weights, the step retried) and a reward worker hangs in the retry;
        step 3's first update has NaN gradients (skipped, counted) and, with
-       ``trainer.max_consecutive_skipped_updates=1``, the run saves step 3 and stops with an error;
+       ``trainer.max_consecutive_skipped_updates=1``, the run saves step 3 and stops with an error, although the
+       step's second update (tiny_cpu.yaml's second pass) is finite: the limit is on the run of skipped updates,
+       wherever the step ends;
     2. resumed: rank 0 is SIGKILLed in the middle of step 4's checkpoint;
     3. resumed from step 3 (the partial step-4 checkpoint never used, then removed): it finishes.
 
