@@ -7,7 +7,7 @@ Per seed: the demo's checkpoint and format warm-up (``demo/tiny_model.py``, in t
 training on the *correct* colour (16 labelled examples per AdamW step, at the RL learning rate by default), and
 every 10 steps the held-out accuracy of the answer token (argmax over the 6 colour names, teacher-forced, 96
 examples). RL sees less per step (a reward, not the label), so the number of optimizer steps this needs to pass 0.8
-bounds how soon RL can: measured on the 2-core machine (docs/pgpo_spec.md section 6), 40-100 steps at lr 2e-4,
+bounds how soon RL can: measured on the 2-core machine (docs/pgpo_spec.md section 6), 80-100 steps at lr 2e-4,
 which is why the demo makes 8 updates per rollout batch (``trainer.ppo_epochs=2``) rather than 4.
 
 ``--side-task`` mixes a perception task with *correct* answers into half of every warm-up batch (bars: which bar
