@@ -32,19 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import megatron_pgpo.models.qwen2_5_vl  # noqa: E402,F401  (torchvision shim before transformers' Qwen2.5-VL)
 from megatron_pgpo.data.synthetic import SyntheticTask, answer_vocabulary  # noqa: E402
 from megatron_pgpo.demo.tiny_model import (build_demo_checkpoint, collate, encode_example,  # noqa: E402
-                                           format_response, visual_blind_inputs, warm_up)
+                                           format_response, supervised_step, warm_up)
 
 BATCH = 16
-
-
-def _step(model, optimizer, images, attention, visual_blind: bool) -> None:
-    loss = model(attention_mask=attention, **images).loss
-    if visual_blind:  # the demo warm-up's objective: the mean of the image and the visual-blind forward
-        loss = 0.5 * (loss + model(**visual_blind_inputs(images, attention, model.config)).loss)
-    optimizer.zero_grad()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
 
 
 def probe(seed: int, lr: float, steps: int, side_task: str | None, warm_up_steps: int, workdir: Path) -> dict:
@@ -80,7 +70,7 @@ def probe(seed: int, lr: float, steps: int, side_task: str | None, warm_up_steps
                     encoded.append(encode(example, example.answer))
                 else:
                     encoded.append(encode(warm[rng.randrange(len(warm))], rng.choice(colours)))
-            _step(model, optimizer, *batch(encoded), visual_blind=True)
+            supervised_step(model, optimizer, *batch(encoded), visual_blind=True)
     warm_up_s = time.perf_counter() - start
 
     # 2. supervised colour reading, evaluated on the answer token every 10 steps
@@ -105,7 +95,7 @@ def probe(seed: int, lr: float, steps: int, side_task: str | None, warm_up_steps
     curve = [accuracy()]
     for step in range(1, steps + 1):
         examples = [train[rng.randrange(len(train))] for _ in range(BATCH)]
-        _step(model, optimizer, *batch([encode(e, e.answer) for e in examples]), visual_blind=False)
+        supervised_step(model, optimizer, *batch([encode(e, e.answer) for e in examples]), visual_blind=False)
         if step % 10 == 0:
             curve.append(accuracy())
     first = next((10 * i for i, a in enumerate(curve) if a >= 0.8), None)

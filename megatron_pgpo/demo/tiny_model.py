@@ -102,6 +102,19 @@ def collate(encoded, pad_token_id: int, image_token_id: int):
     return images, attention
 
 
+def supervised_step(model, optimizer, images: dict, attention: torch.Tensor, visual_blind: bool) -> torch.Tensor:
+    """One AdamW step on ``collate``'s batch, gradient norm clipped to 1; returns the loss. ``visual_blind``: the
+    loss is the mean of the normal forward's and the visual-blind forward's (module docstring)."""
+    loss = model(attention_mask=attention, **images).loss
+    if visual_blind:
+        loss = 0.5 * (loss + model(**visual_blind_inputs(images, attention, model.config)).loss)
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss
+
+
 def warm_up(path: Path, task: str = "colour", steps: int = 250, batch_size: int = 16, lr: float = 1e-3,
             seed: int = 0, progress: bool = True, visual_blind: bool = True) -> dict:
     """Supervised warm-up on the format with random answers; overwrites the weights in ``path``.
@@ -137,14 +150,8 @@ def warm_up(path: Path, task: str = "colour", steps: int = 250, batch_size: int 
         for ex in batch:
             guess = rng.choice(answers)
             encoded.append(encode_example(tokenizer, processor, ex, format_response(guess), image_token_id))
-        images, attention = collate(encoded, tokenizer.pad_token_id, image_token_id)
-        loss = model(attention_mask=attention, **images).loss
-        if visual_blind:
-            loss = 0.5 * (loss + model(**visual_blind_inputs(images, attention, model.config)).loss)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        loss = supervised_step(model, optimizer, *collate(encoded, tokenizer.pad_token_id, image_token_id),
+                               visual_blind=visual_blind)
         if progress:
             iterator.set_postfix(loss=f"{loss.item():.3f}")
     model.save_pretrained(path, safe_serialization=True)

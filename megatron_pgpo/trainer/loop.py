@@ -297,6 +297,12 @@ class Trainer:
     def _sync(self) -> float:
         return self.rollouts.sync(self.policy.module, self.cfg.model.transformer_impl)
 
+    def _rebuild_engines(self) -> float:
+        """Shut the (failed) engines down, then sync: that starts them again with the current weights. Returns the
+        sync time."""
+        self.rollouts.discard_engines()
+        return self._sync()
+
     def evaluate(self) -> Dict[str, float]:
         """The ``eval`` section's benchmarks (or the held-out set): ``eval/<name>/avg@k`` ... and ``eval/accuracy``,
         on every rank (empty without anything to evaluate). The engine generates, so the training state waits in
@@ -369,7 +375,7 @@ class Trainer:
                 samples, stats = rollout
                 stats["time/rollout"] = time.perf_counter() - t0
                 if samples:
-                    self.policy.peak_skipped_in_row = self.policy.skipped_in_row  # the run carried into this step
+                    self.policy.start_step()
                     stats.update(self._train_on(samples))
                     stats["actor/skipped_in_row"] = float(self.policy.peak_skipped_in_row)
                 # Agreed before the sync: after a signal the engine is not needed (and may be gone).
@@ -383,8 +389,7 @@ class Trainer:
                         else:  # e.g. the engine died after sampling: rebuild it; a second failure ends the run
                             log.warning("weight sync of step %d failed (%s): rebuilding the engines and syncing "
                                         "again", self.step + 1, exc)
-                            self.rollouts.discard_engines()
-                            stats["time/sync"] = self._sync()
+                            stats["time/sync"] = self._rebuild_engines()
                             stats["sync/retries"] = 1.0
                 self.policy.scheduler.step(1)  # the next step's learning rate (trainer/schedule.py)
                 self.step += 1
@@ -441,8 +446,7 @@ class Trainer:
                                        "trainer.max_rollout_retries sets the retries)") from exc
                 log.warning("rollout of step %d failed (%s): rebuilding the engines with the current weights, "
                             "retry %d of %d", self.step + 1, exc, attempt + 1, cfg.trainer.max_rollout_retries)
-                self.rollouts.discard_engines()
-                self._sync()  # starts the engines again and loads this step's weights into them
+                self._rebuild_engines()
         raise AssertionError("unreachable")
 
     def _check_skipped_updates(self) -> None:

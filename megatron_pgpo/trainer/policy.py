@@ -263,6 +263,10 @@ class MegatronPolicy:
         # the same step resets skipped_in_row; the limit applies to the run, not to where the step ends)
         self.peak_skipped_in_row = 0
 
+    def start_step(self) -> None:
+        """A training step begins: ``peak_skipped_in_row`` starts from the run of skipped updates carried into it."""
+        self.peak_skipped_in_row = self.skipped_in_row
+
     @property
     def module(self):
         return self.model.module
